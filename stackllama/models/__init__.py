@@ -1,0 +1,1 @@
+"""Model resolution (offline first) and loading with quantization and LoRA."""

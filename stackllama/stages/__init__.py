@@ -1,0 +1,20 @@
+"""Stage registry: ``stage=<name>`` picks one runner module, imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from stackllama.config import STAGES
+
+Runner = Callable[[Any, Any], "float | None"]
+
+
+def get_runner(name: str) -> Runner:
+    if name not in STAGES:
+        raise ValueError(f"stage={name!r} is not a stage; choose one of: {', '.join(STAGES)}")
+    module = importlib.import_module(f"stackllama.stages.{name}")
+    runner = getattr(module, "run", None)
+    if runner is None:
+        raise NotImplementedError(f"stage={name} is not implemented yet")
+    return runner

@@ -1,0 +1,5 @@
+"""Stage 'all': not implemented yet."""
+
+
+def run(cfg, ctx):
+    raise NotImplementedError("stage=all is not implemented yet")

@@ -1,0 +1,5 @@
+"""Stage 'ppo': not implemented yet."""
+
+
+def run(cfg, ctx):
+    raise NotImplementedError("stage=ppo is not implemented yet")
