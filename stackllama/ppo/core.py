@@ -1,0 +1,382 @@
+"""PPO-for-language-models math, in plain torch (no model code, no I/O).
+
+Shapes used in comments:
+    B = batch of episodes (prompt + sampled response)
+    T = response length (padded)
+    V = vocabulary size
+
+Every per-token function takes a ``mask`` of shape (B, T): 1 marks a real response
+token, 0 marks padding or tokens after EOS. Masked positions never influence a
+statistic or a loss; ``torch.where`` (not ``x * mask``) is used so that even inf/nan
+values sitting at masked positions cannot leak into results or gradients.
+
+References: Ziegler et al. 2019 ("Fine-Tuning LMs from Human Preferences"),
+Schulman et al. 2017 (PPO), Schulman 2016 (GAE), J. Schulman, "Approximating KL
+divergence" (k1/k2/k3), TRL's legacy PPOTrainer (whose conventions we follow).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------
+
+
+def _bool_mask(mask: Tensor) -> Tensor:
+    return mask.bool() if mask.dtype != torch.bool else mask
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (all of them, or along ``dim``)."""
+    m = _bool_mask(mask)
+    x_m = torch.where(m, x, torch.zeros_like(x))  # zero out masked positions (inf-safe)
+    m_f = m.to(x.dtype)
+    if dim is None:
+        return x_m.sum() / m_f.sum().clamp(min=1.0)  # sum(x*m) / sum(m)
+    return x_m.sum(dim) / m_f.sum(dim).clamp(min=1.0)  # sum_dim(x*m) / sum_dim(m)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over masked elements (Bessel-corrected if ``unbiased``)."""
+    m = _bool_mask(mask)
+    mean = masked_mean(x, m)  # mu = E_m[x]
+    centered = torch.where(m, x - mean, torch.zeros_like(x))
+    var = masked_mean(centered**2, m)  # var = E_m[(x - mu)^2]
+    if unbiased:
+        n = m.sum().to(x.dtype)
+        if n > 1:
+            var = var * n / (n - 1)  # var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(x - mu) / sqrt(var + 1e-8) over masked elements; masked outputs are 0.
+
+    With ``shift_mean=False`` the mean is added back (only the scale is normalised).
+    """
+    m = _bool_mask(mask)
+    mean, var = masked_mean(x, m), masked_var(x, m)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)  # (x - mu) / sigma
+    if not shift_mean:
+        whitened = whitened + mean  # keep the original mean
+    return torch.where(m, whitened, torch.zeros_like(whitened))
+
+
+# --------------------------------------------------------------------------------------
+# KL penalty and rewards
+# --------------------------------------------------------------------------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token logprobs, (B, T)."""
+    log_ratio = logprobs - ref_logprobs  # log(pi / pi_ref)
+    if estimator == "k1":
+        return log_ratio  # k1 = logp - logp_ref   (unbiased, high variance)
+    if estimator == "k2":
+        return 0.5 * log_ratio**2  # k2 = 0.5 * (logp - logp_ref)^2
+    if estimator == "k3":
+        neg = -log_ratio  # log r, with r = pi_ref / pi
+        return torch.expm1(neg) - neg  # k3 = (r - 1) - log r   (unbiased, >= 0)
+    if estimator == "abs":
+        return log_ratio.abs()  # |logp - logp_ref|
+    raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """(B,) index of the last position where ``mask`` is 1 (0 for an all-zero row)."""
+    m = _bool_mask(mask)
+    T = m.shape[-1]
+    positions = torch.arange(T, device=m.device).expand_as(m)  # (B, T): 0..T-1
+    return torch.where(m, positions, torch.full_like(positions, -1)).amax(-1).clamp(min=0)
+
+
+def compute_rewards(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> Tuple[Tensor, Tensor]:
+    """Per-token rewards: -kl_coef * KL everywhere, + score (B,) on the last real token.
+
+    Returns ``(rewards, kl)``, both (B, T) and 0 at masked positions.
+    """
+    m = _bool_mask(mask)
+    zeros = torch.zeros_like(logprobs)
+    kl = torch.where(m, kl_estimate(logprobs, ref_logprobs, estimator), zeros)  # (B, T)
+    rewards = -kl_coef * kl  # r_t = -beta * KL_t
+    last = last_token_index(m)  # (B,) index of the last real token
+    has_token = m.any(-1)  # (B,) rows without any real token get no score
+    score = torch.where(has_token, scores.to(rewards.dtype), torch.zeros_like(scores, dtype=rewards.dtype))
+    rewards = rewards.scatter_add(-1, last.unsqueeze(-1), score.unsqueeze(-1))  # r_last += score
+    return rewards, kl
+
+
+# --------------------------------------------------------------------------------------
+# Advantages (GAE)
+# --------------------------------------------------------------------------------------
+
+
+def compute_gae(
+    values: Tensor,
+    rewards: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> Tuple[Tensor, Tensor]:
+    """Generalised Advantage Estimation over the response tokens.
+
+    Backwards over t:  delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
+                       A_t     = delta_t + gamma * lam * A_{t+1}
+    The episode ends after the last real token (bootstrap value 0). Masked
+    positions are skipped: they carry the next real token's V and A through
+    unchanged, so their values/rewards never matter (for a contiguous mask this is
+    exactly the formula above). Returns ``(advantages, returns)`` with
+    returns = advantages + values, both (B, T) and 0 at masked positions.
+    No whitening here: call ``masked_whiten`` on the advantages separately.
+    """
+    m = _bool_mask(mask)
+    B, T = values.shape
+    zeros = values.new_zeros(B)
+    next_value = zeros  # V_{t+1} of the next real token, 0 past the end (terminal)
+    next_adv = zeros  # A_{t+1} of the next real token, 0 past the end
+    advantages = []
+    for t in reversed(range(T)):
+        m_t = m[:, t]  # (B,)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # delta_t = r_t + g*V_{t+1} - V_t
+        adv = delta + gamma * lam * next_adv  # A_t = delta_t + g*lam*A_{t+1}
+        adv = torch.where(m_t, adv, zeros)
+        advantages.append(adv)
+        next_value = torch.where(m_t, values[:, t], next_value)  # skip masked positions
+        next_adv = torch.where(m_t, adv, next_adv)
+    advantages = torch.stack(advantages[::-1], dim=1)  # (B, T)
+    returns = torch.where(m, advantages + values, torch.zeros_like(values))  # R_t = A_t + V_t
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """PPO clipped surrogate, averaged over real tokens. Returns ``(loss, stats)``."""
+    m = _bool_mask(mask)
+    zeros = torch.zeros_like(logprobs)
+    log_ratio = torch.where(m, logprobs - old_logprobs, zeros)  # log(pi / pi_old); 0 when masked
+    adv = torch.where(m, advantages, zeros)
+    ratio = torch.exp(log_ratio)  # rho = pi / pi_old
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # clip(rho, 1-eps, 1+eps)
+    pg_unclipped = -adv * ratio  # -A * rho
+    pg_clipped = -adv * clipped  # -A * clip(rho)
+    pg = torch.max(pg_unclipped, pg_clipped)  # pessimistic bound
+    loss = masked_mean(pg, m)  # L = E_m[max(-A rho, -A clip(rho))]
+
+    with torch.no_grad():
+        stats = {
+            "approxkl": 0.5 * masked_mean(log_ratio**2, m),  # 0.5 * E[(logp - logp_old)^2]
+            "policykl": masked_mean(-log_ratio, m),  # E[logp_old - logp]
+            "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(logprobs.dtype), m),
+            "ratio_mean": masked_mean(ratio, m),
+            "ratio_max": torch.where(m, ratio, torch.full_like(ratio, float("-inf"))).max(),
+        }
+    stats = {k: v.detach() for k, v in stats.items()}
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cliprange_value: float,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Clipped value loss 0.5 * E[max((V - R)^2, (V_clip - R)^2)]. Returns ``(loss, stats)``."""
+    m = _bool_mask(mask)
+    zeros = torch.zeros_like(values)
+    v = torch.where(m, values, zeros)
+    v_old = torch.where(m, old_values, zeros)
+    ret = torch.where(m, returns, zeros)
+    v_clipped = v_old + torch.clamp(v - v_old, -cliprange_value, cliprange_value)  # V_old + clip(V - V_old)
+    vf_unclipped = (v - ret) ** 2  # (V - R)^2
+    vf_clipped = (v_clipped - ret) ** 2  # (V_clip - R)^2
+    loss = 0.5 * masked_mean(torch.max(vf_unclipped, vf_clipped), m)
+
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((vf_clipped > vf_unclipped).to(values.dtype), m),
+            "error": masked_mean(vf_unclipped, m),  # E[(V - R)^2]
+        }
+    stats = {k: s.detach() for k, s in stats.items()}
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------
+# Logit helpers
+# --------------------------------------------------------------------------------------
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last dim: (B, T, V) -> (B, T)."""
+    probs = torch.softmax(logits, dim=-1)  # p = softmax(z)
+    finite_logits = logits.masked_fill(~torch.isfinite(logits), 0.0)  # p=0 where z=-inf: avoid 0*inf
+    # H = -sum p log p = logsumexp(z) - sum p * z
+    return torch.logsumexp(logits, dim=-1) - (probs * finite_logits).sum(-1)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[labels]: (B, T, V), (B, T) -> (B, T).
+
+    Avoids materialising a full (B, T, V) log_softmax: log p(y) = z_y - logsumexp(z),
+    computed row by row. Half-precision inputs use a per-row log_softmax instead,
+    which is more accurate there.
+    """
+    labels = labels.unsqueeze(-1)  # (B, T, 1)
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, labels).squeeze(-1)  # z_y, (B, T)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (B, T)
+        return picked - lse  # log p(y) = z_y - logsumexp(z)
+    rows = []
+    for row_logits, row_labels in zip(logits, labels):  # one (T, V) slab at a time
+        row_logps = torch.log_softmax(row_logits, dim=-1)
+        rows.append(row_logps.gather(-1, row_labels).squeeze(-1))
+    return torch.stack(rows)
+
+
+def explained_variance(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var[target - pred] / Var[target] over masked elements (1 = perfect, <=0 = useless)."""
+    m = _bool_mask(mask)
+    var_target = masked_var(target, m)
+    var_resid = masked_var(target - pred, m)
+    return 1.0 - var_resid / var_target.clamp(min=1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# KL coefficient controllers
+# --------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """Constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass  # beta stays fixed
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, d: Dict[str, float]) -> None:
+        self.value = float(d["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019), steering the KL towards ``target``."""
+
+    def __init__(self, init_kl_coef: float = 0.2, target: float = 6.0, horizon: float = 10000):
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = current_kl / self.target - 1.0  # e = KL / KL_target - 1
+        error = min(max(error, -0.2), 0.2)  # e = clip(e, -0.2, 0.2)
+        mult = 1.0 + error * n_steps / self.horizon  # mult = 1 + e * n / horizon
+        self.value *= mult  # beta <- beta * mult
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, d: Dict[str, float]) -> None:
+        self.value = float(d["value"])
+        self.target = float(d.get("target", self.target))
+        self.horizon = float(d.get("horizon", self.horizon))
+
+
+# --------------------------------------------------------------------------------------
+# Response length sampling
+# --------------------------------------------------------------------------------------
+
+
+class LengthSampler:
+    """Uniform integers in [min_value, max_value), with its own seeded, checkpointable RNG."""
+
+    def __init__(self, min_value: int, max_value: int, seed: Optional[int] = None):
+        if max_value <= min_value:
+            raise ValueError(f"need min_value < max_value, got [{min_value}, {max_value})")
+        self.min_value = int(min_value)
+        self.max_value = int(max_value)
+        self.rng = random.Random(seed)
+
+    def __call__(self) -> int:
+        return self.rng.randrange(self.min_value, self.max_value)  # min <= n < max
+
+    def state_dict(self) -> dict:
+        version, internal, gauss_next = self.rng.getstate()
+        return {
+            "min_value": self.min_value,
+            "max_value": self.max_value,
+            "rng_state": [version, list(internal), gauss_next],  # plain lists: easy to serialise
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.min_value = int(d["min_value"])
+        self.max_value = int(d["max_value"])
+        version, internal, gauss_next = d["rng_state"]
+        self.rng.setstate((version, tuple(internal), gauss_next))
+
+
+# --------------------------------------------------------------------------------------
+# Reward-hacking monitor
+# --------------------------------------------------------------------------------------
+
+
+def repetition_stats(
+    token_ids_list: Sequence[Sequence[int]],
+    texts: Sequence[str],
+    fence: str = "```",
+) -> Dict[str, float]:
+    """Fractions of a batch of responses that look like reward hacking.
+
+    A response is *repeat-dominated* when it has >= 4 tokens and its most frequent
+    token id makes up > 50% of them; it is *fence spam* when its text contains
+    ``fence`` >= 3 times. Pass only the response tokens (no padding).
+    Returns ``{"frac_repeat_dominated", "frac_fence_spam", "frac_hacking"}`` (either).
+    """
+    if len(token_ids_list) != len(texts):
+        raise ValueError(f"{len(token_ids_list)} token lists but {len(texts)} texts")
+    n = len(texts)
+    if n == 0:
+        return {"frac_repeat_dominated": 0.0, "frac_fence_spam": 0.0, "frac_hacking": 0.0}
+    n_repeat = n_fence = n_either = 0
+    for ids, text in zip(token_ids_list, texts):
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        top_count = Counter(ids).most_common(1)[0][1] if ids else 0
+        repeat = len(ids) >= 4 and top_count > 0.5 * len(ids)  # top token > 50% of tokens
+        fence_spam = bool(fence) and text.count(fence) >= 3
+        n_repeat += repeat
+        n_fence += fence_spam
+        n_either += repeat or fence_spam
+    return {
+        "frac_repeat_dominated": n_repeat / n,
+        "frac_fence_spam": n_fence / n,
+        "frac_hacking": n_either / n,
+    }
