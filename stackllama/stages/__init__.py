@@ -18,3 +18,12 @@ def get_runner(name: str) -> Runner:
     if runner is None:
         raise NotImplementedError(f"stage={name} is not implemented yet")
     return runner
+
+
+def get_builder(name: str) -> Callable[[Any, Any, Any, Any], dict]:
+    """``build(cfg, ctx, work_dir, out_dir) -> metrics`` of a stage that makes an artifact."""
+    module = importlib.import_module(f"stackllama.stages.{name}")
+    builder = getattr(module, "build", None)
+    if builder is None:
+        raise NotImplementedError(f"stage={name} is not implemented yet")
+    return builder

@@ -1,5 +1,95 @@
-"""Stage 'ppo': not implemented yet."""
+"""Stage 'ppo': KL-penalized PPO of the SFT policy against the reward model.
+
+``python -m stackllama stage=ppo ppo.kl_coef=0.1`` finds (or builds) the SFT and RM
+artifacts for this config, trains with stackllama.ppo.trainer, and saves the merged
+policy with its per-step history. Re-running the same command resumes from the last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stackllama import artifacts
+from stackllama.data import build_dataset, gold_scorer
+from stackllama.models.loader import count_parameters, load_model, load_tokenizer
+from stackllama.models.merge import merge_adapter_into_base
+from stackllama.ppo.policy import PolicyWithValueHead
+from stackllama.ppo.rollout import PromptSource
+from stackllama.ppo.trainer import PPOTrainer, summarize
+from stackllama.reward import RewardScorer
+
+log = logging.getLogger(__name__)
 
 
-def run(cfg, ctx):
-    raise NotImplementedError("stage=ppo is not implemented yet")
+def load_policy(cfg: Any, sft_path: Path, device: torch.device) -> tuple[PolicyWithValueHead, Any]:
+    """Policy + value head on one backbone; a frozen reference copy only without LoRA."""
+    tok = load_tokenizer(sft_path, padding_side="left")
+    lm = load_model(sft_path, "causal_lm", cfg.quantization, cfg.lora, cfg.model.dtype, device, tok)
+    reference = None
+    if not cfg.lora.enabled:
+        reference = load_model(sft_path, "causal_lm", cfg.quantization, None, cfg.model.dtype, device, tok, trainable=False)
+    policy = PolicyWithValueHead(lm, reference).to(device)
+    policy.eval()  # no dropout in rollouts, old log-probs or updates: ratios start at exactly 1
+    return policy, tok
+
+
+def save_policy(cfg: Any, policy: PolicyWithValueHead, tok: Any, sft_path: Path, work_dir: Path, out_dir: Path) -> None:
+    """Merged policy weights + tokenizer in ``out_dir``; adapters and value head beside them."""
+    torch.save(policy.v_head.state_dict(), out_dir / "value_head.pt")
+    if cfg.lora.enabled:
+        adapter_dir = work_dir / "adapter"
+        policy.lm.save_pretrained(str(adapter_dir))
+        merge_adapter_into_base(sft_path, adapter_dir, out_dir, "causal_lm", cfg.quantization.compute_dtype
+                                if cfg.quantization.mode != "none" else cfg.model.dtype, tok)
+    else:
+        policy.lm.save_pretrained(str(out_dir))
+        tok.save_pretrained(str(out_dir))
+
+
+def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
+    sft_path = artifacts.require("sft", cfg, ctx, explicit=cfg.ppo.policy_path)
+    rm_path = artifacts.require("rm", cfg, ctx, explicit=cfg.ppo.reward_model_path)
+    splits = build_dataset(cfg.data)
+    gold = gold_scorer(cfg.data)
+
+    policy, tok = load_policy(cfg, sft_path, ctx.device)
+    reward = RewardScorer.from_pretrained(
+        rm_path, device=ctx.device, batch_size=int(cfg.ppo.reward_batch_size),
+        template=cfg.data.prompt_template, quant_cfg=cfg.quantization,
+    )
+    prompts = PromptSource(list(splits.rl["question"]), list(splits.rl["query"]), tok,
+                           int(cfg.ppo.max_prompt_length), int(cfg.seed))
+    trainer = PPOTrainer(
+        cfg.ppo, policy, tok, reward.score, prompts, ctx.device, int(cfg.seed),
+        checkpoint_dir=work_dir / "checkpoints", tracker=ctx.tracker, gold_scorer=gold,
+        samples_path=ctx.run_dir / "ppo_samples.jsonl",
+    )
+    resumed_from = trainer.resume() if cfg.ppo.resume else 0
+    history = trainer.train(on_step=lambda s: ctx.metrics.update({"ppo/last_step": s["ppo/step"]}))
+    trainer.save()
+
+    with open(out_dir / "history.jsonl", "w") as fh:
+        for row in history:
+            fh.write(json.dumps(row) + "\n")
+    save_policy(cfg, policy, tok, sft_path, work_dir, out_dir)
+    metrics = summarize(history)
+    metrics.update({
+        "ppo/resumed_from_step": resumed_from,
+        "data/rl_prompts": len(prompts.query_ids),
+        "data/skipped_prompts_too_long": prompts.skipped_too_long,
+        **count_parameters(policy),
+    })
+    log.info("PPO: reward %.3f -> %.3f, KL end %.3f", metrics.get("ppo/reward_mean_start", float("nan")),
+             metrics.get("ppo/reward_mean_end", float("nan")), metrics.get("objective/kl_end", float("nan")))
+    return metrics
+
+
+def run(cfg: Any, ctx: Any) -> float:
+    _, metrics = artifacts.run_stage("ppo", cfg, ctx)
+    return float(metrics.get("ppo/reward_mean_end", float("nan")))

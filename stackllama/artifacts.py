@@ -1,0 +1,179 @@
+"""Stage artifacts keyed by the config that determines them.
+
+Each stage's output lives in ``<artifacts_dir>/<stage>/<key>/`` where ``key`` hashes every
+setting that changes the result (model, data, quantization, LoRA, the stage's own settings,
+seed) plus the keys of its upstream artifacts. So ``stage=ppo`` finds the SFT and RM models
+it needs, or builds them first, and a sweep over PPO settings builds them once.
+
+Safety: a build runs under a file lock (a second job needing the same artifact waits, then
+reuses it); it writes into ``<key>.work/`` (checkpoints live there, so a re-run resumes) and
+the finished folder is renamed into place with its ``manifest.json`` last-step-first, so a
+crashed build never leaves a folder a later run trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock, Timeout
+from omegaconf import OmegaConf
+
+from stackllama.metrics import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+# Settings that change how a stage is observed, not what it produces.
+_NOT_IN_KEY = {
+    "model": {"cache_dir", "hub_timeout"},
+    "sft": {"logging_steps", "save_steps", "save_total_limit", "resume", "num_sample_generations",
+            "sample_max_new_tokens", "eval_size", "eval_batch_size"},
+    "rm": {"logging_steps", "eval_batch_size", "max_eval_pairs", "model_path"},
+    "ppo": {"log_every", "sample_every", "num_samples", "save_every", "resume", "policy_path",
+            "reward_model_path"},
+    "eval": {"num_samples_in_report"},
+}
+UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "eval": ("ppo", "sft", "rm")}
+
+
+def _section(cfg: Any, name: str) -> Any:
+    node = OmegaConf.to_container(cfg[name], resolve=True)
+    for key in _NOT_IN_KEY.get(name, ()):
+        node.pop(key, None)
+    return node
+
+
+def key_material(stage: str, cfg: Any) -> dict[str, Any]:
+    """Everything that determines ``stage``'s output, upstream keys included."""
+    material: dict[str, Any] = {
+        "stage": stage,
+        "model": _section(cfg, "model"),
+        "data": _section(cfg, "data"),
+        "quantization": _section(cfg, "quantization"),
+        "seed": int(cfg.seed),
+    }
+    if stage == "sft":
+        material["lora"] = _section(cfg, "lora")
+        material["sft"] = _section(cfg, "sft")
+    elif stage == "rm":
+        material["rm"] = _section(cfg, "rm")
+        material["upstream"] = {"base": cfg.rm.model_path or f"sft:{stage_key('sft', cfg)}"}
+    elif stage == "ppo":
+        material["lora"] = _section(cfg, "lora")
+        material["ppo"] = _section(cfg, "ppo")
+        material["upstream"] = {
+            "policy": cfg.ppo.policy_path or f"sft:{stage_key('sft', cfg)}",
+            "reward": cfg.ppo.reward_model_path or f"rm:{stage_key('rm', cfg)}",
+        }
+    elif stage == "eval":
+        material["eval"] = _section(cfg, "eval")
+        material["upstream"] = {"ppo": stage_key("ppo", cfg)}
+    else:
+        raise ValueError(f"no artifact for stage {stage!r}")
+    return material
+
+
+def stage_key(stage: str, cfg: Any) -> str:
+    blob = json.dumps(key_material(stage, cfg), sort_keys=True, default=str)
+    return f"{cfg.model.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def artifacts_root(cfg: Any) -> Path:
+    return Path(os.path.expanduser(str(cfg.artifacts_dir))).resolve()
+
+
+def stage_dir(stage: str, cfg: Any) -> Path:
+    return artifacts_root(cfg) / stage / stage_key(stage, cfg)
+
+
+def is_trusted(folder: Path) -> bool:
+    return (folder / MANIFEST).exists()
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+BuildFn = Callable[[Any, Any, Path, Path], dict]
+
+
+def ensure(stage: str, cfg: Any, ctx: Any, build: BuildFn) -> tuple[Path, dict[str, Any], bool]:
+    """Return ``(folder, manifest, reused)`` for ``stage``, building it under a lock if needed.
+
+    ``build(cfg, ctx, work_dir, out_dir)`` trains and writes the finished model into
+    ``out_dir`` (a temporary folder) and returns its metrics; ``work_dir`` persists across
+    attempts for checkpoints.
+    """
+    final = stage_dir(stage, cfg)
+    if is_trusted(final):
+        log.info("Reusing %s artifact %s (built earlier with the same config)", stage, final)
+        return final, read_manifest(final), True
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(final) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("Waiting for another job that is building %s artifact %s ...", stage, final.name)
+        lock.acquire()
+    try:
+        if is_trusted(final):
+            log.info("Reusing %s artifact %s (another job just built it)", stage, final)
+            return final, read_manifest(final), True
+        work = final.with_name(final.name + ".work")
+        tmp = work / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        started = time.time()
+        log.info("Building %s artifact %s", stage, final)
+        metrics = build(cfg, ctx, work, tmp)
+        manifest = {
+            "stage": stage,
+            "key": final.name,
+            "config": key_material(stage, cfg),
+            "metrics": metrics,
+            "build_seconds": round(time.time() - started, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "run_dir": str(ctx.run_dir),
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)  # the last file written: its presence = complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final, manifest, False
+    finally:
+        lock.release()
+
+
+def require(stage: str, cfg: Any, ctx: Any, explicit: str | None = None) -> Path:
+    """Path of an upstream artifact: ``explicit`` when given, else found or built first."""
+    if explicit:
+        path = Path(os.path.expanduser(explicit))
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{stage} model path {path} holds no config.json")
+        ctx.metrics.update({f"upstream/{stage}/path": str(path), f"upstream/{stage}/reused": True})
+        return path
+    from stackllama.stages import get_builder
+
+    folder, _, reused = ensure(stage, cfg, ctx, get_builder(stage))
+    ctx.metrics.update({f"upstream/{stage}/path": str(folder), f"upstream/{stage}/reused": reused})
+    return folder
+
+
+def run_stage(stage: str, cfg: Any, ctx: Any) -> tuple[Path, dict[str, Any]]:
+    """Run ``stage`` as the requested job: build (or reuse) its artifact, record its metrics."""
+    from stackllama.stages import get_builder
+
+    folder, manifest, reused = ensure(stage, cfg, ctx, get_builder(stage))
+    metrics = dict(manifest.get("metrics", {}))
+    metrics.update({"artifact/path": str(folder), "artifact/key": folder.name, "artifact/reused": reused})
+    ctx.metrics.update(metrics)
+    if reused:
+        log.info("%s: nothing to do; metrics copied from the artifact's manifest", stage)
+    return folder, metrics

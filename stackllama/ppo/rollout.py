@@ -1,0 +1,162 @@
+"""Rollouts: draw prompts, sample responses in one batched, KV-cached ``generate`` call.
+
+The article sampled a length per response (32..127 tokens) and generated one by one. We
+generate the whole batch at once up to the longest sampled length, then mask each response
+past its own length (and past EOS when ``stop_at_eos``): the same distribution of
+responses, a fraction of the wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class PromptSource:
+    """RL-split prompts, tokenized once; too-long prompts skipped and counted.
+
+    Yields batches by walking a seeded permutation epoch after epoch; its position is part
+    of the checkpoint so a resumed run sees the same prompts it would have.
+    """
+
+    def __init__(self, questions: list[str], queries: list[str], tokenizer: Any, max_prompt_length: int, seed: int):
+        self.questions: list[str] = []
+        self.query_ids: list[list[int]] = []
+        self.skipped_too_long = 0
+        for question, query in zip(questions, queries):
+            ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+            if len(ids) > max_prompt_length:
+                self.skipped_too_long += 1
+                continue
+            self.questions.append(question)
+            self.query_ids.append(ids)
+        if not self.query_ids:
+            raise ValueError(
+                f"no RL prompt fits ppo.max_prompt_length={max_prompt_length} "
+                f"({self.skipped_too_long} skipped); raise the limit"
+            )
+        if self.skipped_too_long:
+            log.info("Skipped %d RL prompts longer than %d tokens", self.skipped_too_long, max_prompt_length)
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        order = list(range(len(self.query_ids)))
+        random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[int]:
+        picked = []
+        while len(picked) < n:
+            if self.cursor >= len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation()
+            picked.append(self._order[self.cursor])
+            self.cursor += 1
+        return picked
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._permutation()
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes. Shapes: B episodes, Q padded query length, R response length."""
+
+    questions: list[str]
+    query_ids: torch.Tensor  # (B, Q) left-padded
+    response_ids: torch.Tensor  # (B, R) right-padded
+    input_ids: torch.Tensor  # (B, Q+R) = [query | response]
+    attention_mask: torch.Tensor  # (B, Q+R) 1 on real query and response tokens
+    response_mask: torch.Tensor  # (B, R) 1 on response tokens that count
+    responses: list[str]  # decoded responses (masked tokens dropped)
+
+    @property
+    def query_len(self) -> int:
+        return self.query_ids.shape[1]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def response_mask_from(response_ids: torch.Tensor, lengths: list[int], eos_id: int | None, stop_at_eos: bool) -> torch.Tensor:
+    """1 for tokens within each sampled length; with ``stop_at_eos`` also cut after the first EOS."""
+    B, R = response_ids.shape
+    positions = torch.arange(R).unsqueeze(0)  # (1, R)
+    mask = positions < torch.tensor(lengths).unsqueeze(1)  # (B, R)
+    if stop_at_eos and eos_id is not None:
+        is_eos = (response_ids == eos_id) & mask
+        # index of first EOS (R when none); the EOS token itself stays in the response
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((B,), R))
+        mask &= positions <= first.unsqueeze(1)
+    return mask.long()
+
+
+@torch.no_grad()
+def generate_rollout(
+    model: Any,
+    tokenizer: Any,
+    questions: list[str],
+    query_ids: list[list[int]],
+    lengths: list[int],
+    ppo_cfg: Any,
+    device: torch.device,
+) -> Rollout:
+    """Sample responses for a batch of prompts with the article's sampling settings."""
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    q_ids, q_mask = left_pad(query_ids, pad_id)
+    q_ids, q_mask = q_ids.to(device), q_mask.to(device)
+    max_len = max(lengths)
+    gen_kwargs = dict(
+        max_new_tokens=max_len,
+        do_sample=True,
+        top_k=int(ppo_cfg.top_k),
+        top_p=float(ppo_cfg.top_p),
+        temperature=float(ppo_cfg.temperature),
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    if not ppo_cfg.stop_at_eos:
+        gen_kwargs["min_new_tokens"] = max_len  # EOS suppressed: every response reaches its length
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=q_ids, attention_mask=q_mask, **gen_kwargs)  # (B, Q+R')
+    model.train(was_training)
+    response_ids = out[:, q_ids.shape[1] :]  # (B, R') R' <= max_len when all rows stop early
+    if response_ids.shape[1] < max_len:
+        fill = torch.full((len(lengths), max_len - response_ids.shape[1]), pad_id, device=device)
+        response_ids = torch.cat([response_ids, fill], 1)
+    r_mask = response_mask_from(response_ids.cpu(), lengths, eos_id, bool(ppo_cfg.stop_at_eos)).to(device)
+    response_ids = torch.where(r_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    responses = [
+        tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response_ids, r_mask)
+    ]
+    return Rollout(
+        questions=list(questions),
+        query_ids=q_ids,
+        response_ids=response_ids,
+        input_ids=torch.cat([q_ids, response_ids], 1),
+        attention_mask=torch.cat([q_mask, r_mask], 1),
+        response_mask=r_mask,
+        responses=responses,
+    )

@@ -1,0 +1,367 @@
+"""Our KL-penalized PPO for language models (TRL removed its PPOTrainer in 1.13).
+
+One ``step()`` is the whole algorithm, top to bottom:
+
+1. rollout    sample B prompts, generate responses (lengths from the length sampler)
+2. score      reward model on (question, response); minus ``reward_baseline``
+3. reference  log-probs of the same tokens with the LoRA adapters switched off
+4. rewards    r_t = -beta * KL_t on every response token, + score on the last one
+5. GAE        advantages and returns from the value head (gamma, lambda), whitened
+6. optimize   ``ppo_epochs`` passes of clipped policy loss + vf_coef * clipped value loss
+7. KL control beta fixed (``ppo.kl_coef``) or adapted toward ``ppo.target``
+
+Shapes: B episodes, R response tokens, V vocabulary. Every loss and statistic is masked
+to real response tokens (no padding, nothing after EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from stackllama.ppo import core
+from stackllama.ppo.checkpoint import load_checkpoint, save_checkpoint
+from stackllama.ppo.policy import PolicyWithValueHead
+from stackllama.ppo.rollout import PromptSource, Rollout, generate_rollout
+
+log = logging.getLogger(__name__)
+
+
+class RunningMoments:
+    """Running mean/std of scores (Welford), for optional score normalization."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, xs: torch.Tensor) -> None:
+        for x in xs.tolist():
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def make_kl_controller(cfg: Any) -> core.FixedKLController | core.AdaptiveKLController:
+    """``ppo.kl_coef`` set -> fixed beta; else the article's adaptive controller (or fixed init)."""
+    if cfg.kl_coef is not None:
+        return core.FixedKLController(float(cfg.kl_coef))
+    if cfg.adap_kl_ctrl:
+        return core.AdaptiveKLController(float(cfg.init_kl_coef), float(cfg.target), float(cfg.horizon))
+    return core.FixedKLController(float(cfg.init_kl_coef))
+
+
+Scorer = Callable[[list[str], list[str]], torch.Tensor]
+
+
+class PPOTrainer:
+    """Runs ``cfg.steps`` PPO steps on ``policy``; checkpoints into ``checkpoint_dir``."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        policy: PolicyWithValueHead,
+        tokenizer: Any,
+        scorer: Scorer,
+        prompts: PromptSource,
+        device: torch.device,
+        seed: int,
+        checkpoint_dir: Path,
+        tracker: Any = None,
+        gold_scorer: Scorer | None = None,
+        samples_path: Path | None = None,
+    ):
+        self.cfg = cfg
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+        self.prompts = prompts
+        self.device = device
+        self.tracker = tracker
+        self.gold_scorer = gold_scorer
+        self.samples_path = samples_path
+        self.checkpoint_dir = Path(checkpoint_dir)
+        if cfg.batch_size % cfg.mini_batch_size or cfg.mini_batch_size % cfg.gradient_accumulation_steps:
+            raise ValueError("need batch_size % mini_batch_size == 0 and mini_batch_size % gradient_accumulation_steps == 0")
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=float(cfg.learning_rate))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)  # constant, as the article
+        self.kl_ctl = make_kl_controller(cfg)
+        self.length_sampler = core.LengthSampler(int(cfg.min_new_tokens), int(cfg.max_new_tokens), seed=seed)
+        self.score_moments = RunningMoments()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step_idx = 0
+        self.skipped_batches = 0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ one PPO step
+    def step(self) -> dict[str, float]:
+        cfg, policy = self.cfg, self.policy
+        B = int(cfg.batch_size)
+        t_start = time.perf_counter()
+
+        # 1. Rollout ---------------------------------------------------------------
+        idx = self.prompts.next_batch(B)
+        questions = [self.prompts.questions[i] for i in idx]
+        lengths = [self.length_sampler() for _ in range(B)]
+        ro: Rollout = generate_rollout(
+            policy.generation_model(), self.tokenizer, questions,
+            [self.prompts.query_ids[i] for i in idx], lengths, cfg, self.device,
+        )
+        mask = ro.response_mask.float()  # (B, R)
+        t_rollout = time.perf_counter()
+
+        # 2. Score: reward model on (question, response), minus the baseline ---------
+        raw_scores = self.scorer(ro.questions, ro.responses).float().cpu()  # (B,)
+        scores = raw_scores - float(cfg.reward_baseline)
+        self.score_moments.update(scores)
+        if cfg.score_normalize:
+            scores = (scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-float(cfg.score_clip), float(cfg.score_clip))
+        t_score = time.perf_counter()
+
+        # 3. Old log-probs, values, entropy (policy) and reference log-probs ---------
+        old_logprobs, old_values, ref_logprobs, entropy = self._forward_no_grad(ro)  # each (B, R)
+        mask = mask.to(old_logprobs.device)
+        scores = scores.to(old_logprobs.device)
+        t_forward = time.perf_counter()
+
+        # 4. Per-token rewards: r_t = -beta * KL_t ; r_T += score ----------------------
+        beta = float(self.kl_ctl.value)
+        rewards, kl = core.compute_rewards(scores, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)
+
+        # 5. GAE: delta_t = r_t + gamma V_{t+1} - V_t ; A_t = delta_t + gamma lam A_{t+1}
+        advantages, returns = core.compute_gae(old_values, rewards, mask, float(cfg.gamma), float(cfg.lam))
+        if cfg.whiten_advantages:
+            advantages = core.masked_whiten(advantages, mask)
+
+        # 6. PPO epochs over shuffled mini-batches ------------------------------------
+        train_stats = self._optimize(ro, old_logprobs, old_values, advantages, returns, mask)
+        t_optimize = time.perf_counter()
+
+        # 7. KL control: beta <- beta * (1 + clip(KL/target - 1, -0.2, 0.2) * B/horizon)
+        seq_kl = (kl * mask).sum(1)  # (B,) KL of each response to the reference
+        self.kl_ctl.update(float(seq_kl.mean()), B)
+        self.step_idx += 1
+
+        stats = {
+            "env/reward_mean": float(scores.mean()),
+            "env/reward_std": float(scores.std()) if B > 1 else 0.0,
+            "env/score_raw_mean": float(raw_scores.mean()),
+            "objective/kl": float(seq_kl.mean()),
+            "objective/kl_per_token": float(core.masked_mean(kl, mask)),
+            "objective/kl_coef": beta,
+            "objective/entropy": float(core.masked_mean(entropy, mask)),
+            "ppo/mean_non_score_reward": float(((rewards * mask).sum(1) - scores).mean()),
+            "ppo/returns/mean": float(core.masked_mean(returns, mask)),
+            "ppo/returns/var": float(core.masked_var(returns, mask)),
+            "ppo/val/mean": float(core.masked_mean(old_values, mask)),
+            "ppo/val/var_explained": float(core.explained_variance(old_values, returns, mask)),
+            "ppo/skipped_batches": float(self.skipped_batches),
+            "tokens/response_len_mean": float(mask.sum(1).mean()),
+            "tokens/query_len_mean": float(np.mean([len(self.prompts.query_ids[i]) for i in idx])),
+            "time/ppo/rollout": t_rollout - t_start,
+            "time/ppo/score": t_score - t_rollout,
+            "time/ppo/forward": t_forward - t_score,
+            "time/ppo/optimize": t_optimize - t_forward,
+            "time/ppo/step": time.perf_counter() - t_start,
+            "ppo/lr": float(self.scheduler.get_last_lr()[0]),
+            **train_stats,
+        }
+        ids_list = [r[m.bool()].tolist() for r, m in zip(ro.response_ids.cpu(), ro.response_mask.cpu())]
+        stats.update({f"hack/{k}": v for k, v in core.repetition_stats(ids_list, ro.responses).items()})
+        gold = None
+        if self.gold_scorer is not None:
+            gold = torch.as_tensor(self.gold_scorer(ro.questions, ro.responses), dtype=torch.float32)
+            stats["gold/score_mean"] = float(gold.mean())
+        stats["time/ppo/episodes_per_second"] = B / stats["time/ppo/step"]
+        self._maybe_log_samples(ro, scores, seq_kl, gold)
+        return stats
+
+    # ------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def _forward_no_grad(self, ro: Rollout) -> tuple[torch.Tensor, ...]:
+        """Policy log-probs/values/entropy and reference log-probs, in mini-batch chunks."""
+        out: dict[str, list[torch.Tensor]] = defaultdict(list)
+        n = int(self.cfg.mini_batch_size)
+        Q = ro.query_len
+        for s in range(0, ro.input_ids.shape[0], n):
+            ids, att = ro.input_ids[s : s + n], ro.attention_mask[s : s + n]
+            resp = ro.response_ids[s : s + n]
+            logits, values = self.policy(ids, att, Q)  # (b, R, V), (b, R)
+            out["logprobs"].append(core.logprobs_from_logits(logits, resp))
+            out["values"].append(values)
+            out["entropy"].append(core.entropy_from_logits(logits))
+            ref_logits = self.policy.reference_logits(ids, att, Q)
+            out["ref"].append(core.logprobs_from_logits(ref_logits, resp))
+        return tuple(torch.cat(out[k]).float() for k in ("logprobs", "values", "ref", "entropy"))
+
+    def _optimize(self, ro, old_logprobs, old_values, advantages, returns, mask) -> dict[str, float]:
+        cfg = self.cfg
+        B, mb, gas = ro.input_ids.shape[0], int(cfg.mini_batch_size), int(cfg.gradient_accumulation_steps)
+        micro = mb // gas
+        Q = ro.query_len
+        params = self.policy.trainable_parameters()
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        early_stop = 0.0
+        self.policy.train()
+        for _epoch in range(int(cfg.ppo_epochs)):
+            perm = torch.randperm(B, generator=self.generator)
+            epoch_kl = []
+            for start in range(0, B, mb):
+                self.optimizer.zero_grad(set_to_none=True)
+                stepped = False
+                for m_start in range(start, start + mb, micro):
+                    i = perm[m_start : m_start + micro].to(ro.input_ids.device)
+                    logits, values = self.policy(ro.input_ids[i], ro.attention_mask[i], Q)
+                    logprobs = core.logprobs_from_logits(logits, ro.response_ids[i]).float()
+                    pg_loss, pg_stats = core.policy_loss(logprobs, old_logprobs[i], advantages[i], mask[i], float(cfg.cliprange))
+                    vf_loss, vf_stats = core.value_loss(values.float(), old_values[i], returns[i], mask[i], float(cfg.cliprange_value))
+                    if float(pg_stats["ratio_mean"]) > float(cfg.ratio_threshold):
+                        # The probability ratio exploded: this micro-batch would wreck the policy.
+                        self.skipped_batches += 1
+                        continue
+                    loss = pg_loss + float(cfg.vf_coef) * vf_loss  # L = L_clip + c_vf * L_vf
+                    (loss / gas).backward()
+                    stepped = True
+                    for k, v in {
+                        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
+                        "ppo/policy/approxkl": pg_stats["approxkl"], "ppo/policy/policykl": pg_stats["policykl"],
+                        "ppo/policy/clipfrac": pg_stats["clipfrac"], "ppo/policy/ratio_mean": pg_stats["ratio_mean"],
+                        "ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/val/error": vf_stats["error"],
+                    }.items():
+                        sums[k] += float(v.detach()) if torch.is_tensor(v) else float(v)
+                    count += 1
+                    epoch_kl.append(float(pg_stats["approxkl"]))
+                if stepped:
+                    torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
+                    self.optimizer.step()
+                    self.scheduler.step()
+            if cfg.target_kl is not None and epoch_kl and np.mean(epoch_kl) > 1.5 * float(cfg.target_kl):
+                early_stop = 1.0  # policy moved too far from the rollout policy: stop this step's epochs
+                break
+        self.policy.eval()
+        stats = {k: v / max(count, 1) for k, v in sums.items()}
+        stats["ppo/early_stop"] = early_stop
+        return stats
+
+    def _maybe_log_samples(self, ro: Rollout, scores: torch.Tensor, seq_kl: torch.Tensor, gold: torch.Tensor | None) -> None:
+        every = int(self.cfg.sample_every)
+        if every <= 0 or (self.step_idx % every and self.step_idx != 1):
+            return
+        n = min(int(self.cfg.num_samples), len(ro.responses))
+        rows = []
+        for i in range(n):
+            row = [self.step_idx, ro.questions[i], ro.responses[i], round(float(scores[i]), 4), round(float(seq_kl[i]), 4)]
+            if gold is not None:
+                row.append(round(float(gold[i]), 4))
+            rows.append(row)
+        columns = ["step", "query", "response", "reward", "kl"] + (["gold"] if gold is not None else [])
+        if self.tracker is not None:
+            self.tracker.log_table("ppo/samples", columns, rows, step=self.step_idx)
+        if self.samples_path is not None:
+            with open(self.samples_path, "a") as fh:
+                for row in rows:
+                    fh.write(json.dumps(dict(zip(columns, row))) + "\n")
+
+    # ------------------------------------------------------------------ loop + state
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step_idx,
+            "skipped_batches": self.skipped_batches,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "length_sampler": self.length_sampler.state_dict(),
+            "prompts": self.prompts.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": self.history,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step_idx = int(state["step"])
+        self.skipped_batches = int(state["skipped_batches"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.length_sampler.load_state_dict(state["length_sampler"])
+        self.prompts.load_state_dict(state["prompts"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.generator.set_state(state["generator"])
+        self.history = list(state["history"])
+
+    def resume(self) -> int:
+        """Load the latest checkpoint when present; returns the step resumed from (0 if none)."""
+        state = load_checkpoint(self.checkpoint_dir, self.policy, self.optimizer, self.scheduler)
+        if state is None:
+            return 0
+        self.load_state(state)
+        log.info("Resumed PPO from checkpoint at step %d", self.step_idx)
+        return self.step_idx
+
+    def save(self) -> None:
+        save_checkpoint(self.checkpoint_dir, self.step_idx, self.policy, self.optimizer, self.scheduler, self.state())
+
+    def train(self, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        total = int(self.cfg.steps)
+        bar = tqdm(total=total, initial=self.step_idx, desc="PPO", dynamic_ncols=True)
+        while self.step_idx < total:
+            stats = self.step()
+            stats["ppo/step"] = self.step_idx
+            self.history.append(stats)
+            if self.tracker is not None and self.step_idx % max(int(self.cfg.log_every), 1) == 0:
+                self.tracker.log(stats, step=self.step_idx)
+            bar.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}",
+                            beta=f"{stats['objective/kl_coef']:.3f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(stats)
+            if int(self.cfg.save_every) > 0 and self.step_idx % int(self.cfg.save_every) == 0:
+                self.save()
+        bar.close()
+        return self.history
+
+
+def summarize(history: list[dict[str, float]]) -> dict[str, float]:
+    """Run-level figures: means over the first and last 10% of steps (at least one step)."""
+    if not history:
+        return {"ppo/steps": 0}
+    k = max(1, int(round(0.1 * len(history))))
+    first, last = history[:k], history[-k:]
+
+    def mean(rows, key):
+        vals = [r[key] for r in rows if key in r]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    out = {
+        "ppo/steps": len(history),
+        "ppo/reward_mean_start": mean(first, "env/reward_mean"),
+        "ppo/reward_mean_end": mean(last, "env/reward_mean"),
+        "objective/kl_start": mean(first, "objective/kl"),
+        "objective/kl_end": mean(last, "objective/kl"),
+        "objective/kl_coef_end": history[-1]["objective/kl_coef"],
+        "ppo/skipped_batches": history[-1]["ppo/skipped_batches"],
+        "hack/frac_hacking_end": mean(last, "hack/frac_hacking"),
+        "time/ppo/step_mean": mean(history, "time/ppo/step"),
+        "time/ppo/episodes_per_second": mean(history, "time/ppo/episodes_per_second"),
+    }
+    if "gold/score_mean" in history[0]:
+        out["gold/score_start"] = mean(first, "gold/score_mean")
+        out["gold/score_end"] = mean(last, "gold/score_mean")
+    return out
