@@ -1,0 +1,186 @@
+"""PPO loop behaviour on a tiny real Llama: masks, reference, KL control, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stackllama.models.loader import model_folder
+from stackllama.ppo import core
+from stackllama.ppo.rollout import PromptSource, generate_rollout, response_mask_from
+from stackllama.ppo.trainer import PPOTrainer, summarize
+from stackllama.stages.ppo import load_policy
+from tests.conftest import REPO, compose_cfg
+
+CPU = torch.device("cpu")
+QUESTIONS = [f"How do I keep batch {i} of my stout from tasting sour?" for i in range(24)]
+
+
+def _cfg(*overrides: str):
+    return compose_cfg([
+        "model=tiny", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.min_new_tokens=6",
+        "ppo.max_new_tokens=10", "ppo.sample_every=0", "ppo.save_every=0", *overrides,
+    ])
+
+
+def _trainer(cfg, tmp_path: Path, seed: int = 0) -> PPOTrainer:
+    torch.manual_seed(seed)
+    policy, tok = load_policy(cfg, model_folder(cfg.model), CPU)
+
+    def even_token_share(questions, answers):
+        """A real (if simple) reward: the share of even token ids in the response."""
+        out = []
+        for a in answers:
+            ids = tok(a, add_special_tokens=False)["input_ids"] or [1]
+            out.append(sum(i % 2 == 0 for i in ids) / len(ids))
+        return torch.tensor(out)
+
+    prompts = PromptSource(QUESTIONS, [f"Question: {q}\n\nAnswer: " for q in QUESTIONS], tok, 64, seed)
+    return PPOTrainer(cfg.ppo, policy, tok, even_token_share, prompts, CPU, seed, tmp_path / "ckpt")
+
+
+def test_response_mask_cuts_at_length_and_eos():
+    ids = torch.tensor([[5, 6, 2, 7, 8], [5, 6, 7, 8, 9]])
+    mask = response_mask_from(ids, [5, 3], eos_id=2, stop_at_eos=True)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    mask = response_mask_from(ids, [5, 3], eos_id=2, stop_at_eos=False)
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+
+
+def test_batched_padded_forward_matches_single_examples():
+    """Left-padded queries + right-padded responses give each row's own log-probs."""
+    cfg = _cfg()
+    torch.manual_seed(0)
+    policy, tok = load_policy(cfg, model_folder(cfg.model), CPU)
+    queries = [tok(f"Question: {q}\n\nAnswer: ", add_special_tokens=False)["input_ids"] for q in ("short?", QUESTIONS[0])]
+    ro = generate_rollout(policy.generation_model(), tok, ["a", "b"], queries, [7, 4], cfg.ppo, CPU)
+    with torch.no_grad():
+        logits, values = policy(ro.input_ids, ro.attention_mask, ro.query_len)
+        batched = core.logprobs_from_logits(logits, ro.response_ids)
+        for row, q in enumerate(queries):
+            n = int(ro.response_mask[row].sum())
+            ids = torch.tensor([q + ro.response_ids[row, :n].tolist()])
+            single_logits, _ = policy(ids, torch.ones_like(ids), len(q))
+            single = core.logprobs_from_logits(single_logits, ids[:, len(q):])
+            torch.testing.assert_close(batched[row, :n], single[0], atol=1e-4, rtol=1e-4)
+    assert ro.response_mask.sum(1).tolist() == [7, 4]
+    # masked positions hold padding, never sampled tokens
+    assert (ro.response_ids[1, 4:] == tok.pad_token_id).all()
+
+
+def test_reference_is_the_policy_with_adapters_off():
+    cfg = _cfg("lora=default")
+    torch.manual_seed(0)
+    policy, tok = load_policy(cfg, model_folder(cfg.model), CPU)
+    assert policy.reference is None  # no second copy of the weights with LoRA
+    ids = torch.tensor([tok("Question: why?\n\nAnswer: because it is", add_special_tokens=False)["input_ids"]])
+    att = torch.ones_like(ids)
+    with torch.no_grad():
+        for p in policy.lm.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # move the adapters away from zero: policy != reference now
+        pol, _ = policy(ids, att, 4)
+        ref = policy.reference_logits(ids, att, 4)
+        with policy.lm.disable_adapter():
+            base = policy.lm(input_ids=ids).logits[:, 3:-1]
+    assert not torch.allclose(pol, ref, atol=1e-3)
+    torch.testing.assert_close(ref, base, atol=1e-4, rtol=1e-4)
+
+
+def exact_kl_to_reference(trainer: PPOTrainer) -> float:
+    """Full-vocabulary KL(policy || reference) per token on fixed text (no sampling noise)."""
+    tok, policy = trainer.tokenizer, trainer.policy
+    enc = tok([f"Question: {q}\n\nAnswer: it depends on the yeast" for q in QUESTIONS[:6]],
+              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits, _ = policy(enc.input_ids, enc.attention_mask, 1)
+        ref = policy.reference_logits(enc.input_ids, enc.attention_mask, 1)
+    lp, lr = logits.log_softmax(-1), ref.log_softmax(-1)
+    kl = (lp.exp() * (lp - lr)).sum(-1)  # (B, T-1)
+    mask = enc.attention_mask[:, 1:].float()
+    return float((kl * mask).sum() / mask.sum())
+
+
+def test_large_kl_coef_keeps_policy_at_reference(tmp_path):
+    """beta = 1e3: every token's KL costs far more than any score, so the policy stays near
+    the reference, while the same run with beta = 0 drifts away. Measured with the exact KL
+    on fixed text, since 8 sampled episodes give a noisy estimate."""
+    common = ["lora=default", "ppo.steps=10", "ppo.learning_rate=1e-3"]
+    free = _trainer(_cfg(*common, "ppo.kl_coef=0.0"), tmp_path / "free")
+    free.train()
+    tied = _trainer(_cfg(*common, "ppo.kl_coef=1000.0"), tmp_path / "tied")
+    hist = tied.train()
+    kl_free, kl_tied = exact_kl_to_reference(free), exact_kl_to_reference(tied)
+    assert kl_free > 0.01, kl_free
+    assert kl_tied < 0.5 * kl_free, (kl_tied, kl_free)
+    assert all(h["objective/kl_coef"] == 1000.0 for h in hist)  # fixed, not adapted
+
+
+def test_adaptive_controller_moves_beta(tmp_path):
+    cfg = _cfg("ppo.steps=2", "ppo.target=0.001", "ppo.horizon=100", "ppo.learning_rate=1e-3", "lora=none")
+    hist = _trainer(cfg, tmp_path).train()
+    beta0, beta1 = hist[0]["objective/kl_coef"], hist[1]["objective/kl_coef"]
+    kl0 = hist[0]["objective/kl"]
+    expected = beta0 * (1 + max(-0.2, min(0.2, kl0 / 0.001 - 1)) * 8 / 100)
+    assert beta0 == pytest.approx(0.2)
+    assert beta1 == pytest.approx(expected, rel=1e-6)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Checkpoint at step 2, resume in a fresh trainer: steps 3-4 equal an uninterrupted run."""
+    cfg4 = _cfg("ppo.steps=4", "ppo.save_every=2", "ppo.learning_rate=1e-3")
+    straight = _trainer(cfg4, tmp_path / "a").train()
+
+    cfg2 = _cfg("ppo.steps=2", "ppo.save_every=2", "ppo.learning_rate=1e-3")
+    _trainer(cfg2, tmp_path / "b").train()  # stops after the step-2 checkpoint
+    resumed = _trainer(cfg4, tmp_path / "b")
+    assert resumed.resume() == 2
+    hist = resumed.train()
+    assert len(hist) == 4
+    for key in ("env/reward_mean", "objective/kl", "ppo/loss/policy"):
+        assert hist[3][key] == pytest.approx(straight[3][key], rel=1e-4, abs=1e-6), key
+    summary = summarize(hist)
+    assert summary["ppo/steps"] == 4
+
+
+@pytest.mark.slow
+def test_cli_resume_after_kill(tmp_path):
+    """SIGKILL the CLI after its first checkpoint; the same command resumes from it."""
+    folder = model_folder(compose_cfg(["model=tiny"]).model)
+    cmd = [
+        sys.executable, "-m", "stackllama", "stage=ppo", "model=tiny", "logger=none",
+        f"artifacts_dir={tmp_path / 'art'}", f"ppo.policy_path={folder}", f"ppo.reward_model_path={folder}",
+        "ppo.steps=8", "ppo.save_every=2", "ppo.batch_size=4", "ppo.mini_batch_size=2",
+        "ppo.min_new_tokens=4", "ppo.max_new_tokens=8", "data.synthetic.num_questions=60",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(cmd + [f"hydra.run.dir={tmp_path / 'run1'}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    pointer = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "art" / "ppo").glob("*.work/checkpoints/latest.json"))
+        if found:
+            pointer = found[0]
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert pointer is not None, "no checkpoint appeared before the deadline"
+    assert not list((tmp_path / "art" / "ppo").glob("*/manifest.json")), "a killed run left a trusted artifact"
+    step_at_kill = json.loads(pointer.read_text())["step"]
+    done = subprocess.run(cmd + [f"hydra.run.dir={tmp_path / 'run2'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert metrics["ppo/resumed_from_step"] == step_at_kill
+    assert 0 < step_at_kill < 8
+    assert metrics["ppo/steps"] == 8
