@@ -255,6 +255,9 @@ class Config:
     run_name: Optional[str] = None
     artifacts_dir: str = "${oc.env:STACKLLAMA_ARTIFACTS,${hydra:runtime.cwd}/artifacts}"
     device: str = "auto"  # auto | cpu | cuda
+    # metrics.json key the run returns to Hydra (what Optuna maximizes); None: the stage's own
+    # (sft: eval/perplexity, rm: eval/accuracy, ppo: ppo/objective, eval/all: eval/win_rate_vs_sft)
+    objective: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, logged as-is
 
 

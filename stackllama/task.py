@@ -72,8 +72,12 @@ def run_task(cfg: DictConfig) -> float | None:
         tracker = make_tracker(cfg, run_dir, cfg.run_name or name, group)
         ctx = RunContext(run_dir, metrics, tracker, resolve_device(cfg.device), multirun)
         objective = runner(cfg, ctx)
+        if cfg.objective:
+            if cfg.objective not in metrics.values:
+                raise KeyError(f"objective={cfg.objective!r} is not a key of this run's metrics.json")
+            objective = metrics.values[cfg.objective]
         exit_code = 0
-        metrics.update({"run/status": "completed"})
+        metrics.update({"run/status": "completed", "run/objective": objective})
         return objective
     except Exception as exc:
         metrics.update({"run/status": "failed", "run/error": f"{type(exc).__name__}: {exc}"})

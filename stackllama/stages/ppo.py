@@ -79,6 +79,9 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
             fh.write(json.dumps(row) + "\n")
     save_policy(cfg, policy, tok, sft_path, work_dir, out_dir)
     metrics = summarize(history)
+    # Sweep objective: the end reward at bounded KL (overshooting ppo.target costs 1:1).
+    overshoot = max(0.0, metrics.get("objective/kl_end", 0.0) - float(cfg.ppo.target))
+    metrics["ppo/objective"] = metrics.get("ppo/reward_mean_end", float("nan")) - overshoot
     metrics.update({
         "ppo/resumed_from_step": resumed_from,
         "data/rl_prompts": len(prompts.query_ids),
@@ -92,4 +95,4 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
 
 def run(cfg: Any, ctx: Any) -> float:
     _, metrics = artifacts.run_stage("ppo", cfg, ctx)
-    return float(metrics.get("ppo/reward_mean_end", float("nan")))
+    return float(metrics.get("ppo/objective", float("nan")))
