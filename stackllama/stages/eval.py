@@ -1,5 +1,374 @@
-"""Stage 'eval': not implemented yet."""
+"""Stage 'eval': the PPO policy against its SFT reference on held-out questions.
+
+``python -m stackllama stage=eval`` finds (or builds) the SFT, RM and PPO artifacts for
+this config, then on ``eval.num_questions`` unique questions of the ``evaluation`` split
+(no PPO, RM or SFT training ever saw them):
+
+1. samples one response per question from the PPO policy and one from the SFT model with
+   the article's settings (``do_sample``, ``top_k=0``, ``top_p=1.0``, temperature 1,
+   ``eval.max_new_tokens``; EOS handled as in PPO training, ``ppo.stop_at_eos``), batched
+   and left-padded, ``torch`` reseeded before every batch of either model so both draw
+   the same random stream (identical models give identical responses);
+2. KL of the policy to the reference on the PPO responses: per response, the sum over its
+   tokens of ``log p_ppo(y_t) - log p_sft(y_t)``, averaged over responses (the k1
+   sequence KL that PPO's ``objective/kl`` reports during training);
+3. scores every response with the reward model (the proxy PPO optimized) and, on
+   synthetic data, with the hidden gold scorer (the truth the proxy stands in for).
+
+Only one model is in memory at a time (policy, then reference, then reward model).
+Figures go to ``metrics.json`` (``eval/...``), every response to ``eval_samples.jsonl``,
+and ``report.md`` (``stackllama.eval_report``) puts them beside the PPO run's curves.
+The sweep objective is ``eval/win_rate_vs_sft`` (RM-judged, ties count half).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from stackllama import artifacts
+from stackllama.ppo.core import logprobs_from_logits, repetition_stats
+from stackllama.ppo.policy import position_ids_from_mask
+from stackllama.ppo.rollout import generate_rollout
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "eval/win_rate_vs_sft"
 
 
-def run(cfg, ctx):
-    raise NotImplementedError("stage=eval is not implemented yet")
+# --------------------------------------------------------------------------------------
+# Questions
+# --------------------------------------------------------------------------------------
+
+
+def eval_questions(questions: Sequence[str], n: int) -> list[str]:
+    """The first ``n`` distinct questions, in split order (pairs repeat their question)."""
+    seen: dict[str, None] = {}
+    for q in questions:
+        if q not in seen:
+            seen[q] = None
+    return list(seen)[: max(int(n), 0)]
+
+
+def encode_queries(
+    questions: Sequence[str], template: str, tokenizer: Any, max_prompt_length: int, n: int
+) -> tuple[list[str], list[list[int]], int]:
+    """Prompts (template, empty answer) of up to ``n`` questions that fit ``max_prompt_length``."""
+    from stackllama.data import format_prompt
+
+    kept_q: list[str] = []
+    kept_ids: list[list[int]] = []
+    skipped = 0
+    for q in eval_questions(questions, len(questions)):
+        if len(kept_q) >= n:
+            break
+        ids = tokenizer(format_prompt(template, q), add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_length:
+            skipped += 1
+            continue
+        kept_q.append(q)
+        kept_ids.append(list(ids))
+    return kept_q, kept_ids, skipped
+
+
+# --------------------------------------------------------------------------------------
+# Generation and log-probs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One generated batch, on CPU. Shapes: b rows, Q padded query, R response tokens."""
+
+    input_ids: torch.Tensor  # (b, Q+R) [left-padded query | right-padded response]
+    attention_mask: torch.Tensor  # (b, Q+R)
+    response_ids: torch.Tensor  # (b, R)
+    response_mask: torch.Tensor  # (b, R)
+    query_len: int
+    responses: list[str]
+
+    def token_lists(self) -> list[list[int]]:
+        return [r[m.bool()].tolist() for r, m in zip(self.response_ids, self.response_mask)]
+
+
+def batch_seed(seed: int, index: int) -> int:
+    return (int(seed) * 1_000_003 + 7919 * int(index) + 17) % (2**63 - 1)
+
+
+def sampling_settings(cfg: Any) -> SimpleNamespace:
+    """The article's sampling (pure ancestral sampling), EOS handled as in PPO training."""
+    return SimpleNamespace(top_k=0, top_p=1.0, temperature=1.0, stop_at_eos=bool(cfg.ppo.stop_at_eos))
+
+
+@torch.no_grad()
+def sample(
+    model: Any, tokenizer: Any, questions: Sequence[str], query_ids: Sequence[Sequence[int]],
+    max_new_tokens: int, batch_size: int, sampling: Any, seed: int, device: torch.device,
+) -> list[Batch]:
+    """Responses to every query, ``batch_size`` at a time, torch reseeded before each batch."""
+    out: list[Batch] = []
+    for b, start in enumerate(range(0, len(query_ids), batch_size)):
+        qs = list(questions[start:start + batch_size])
+        ids = [list(x) for x in query_ids[start:start + batch_size]]
+        torch.manual_seed(batch_seed(seed, b))  # same stream for policy and reference
+        ro = generate_rollout(model, tokenizer, qs, ids, [int(max_new_tokens)] * len(ids), sampling, device)
+        out.append(Batch(ro.input_ids.cpu(), ro.attention_mask.cpu(), ro.response_ids.cpu(),
+                         ro.response_mask.cpu(), ro.query_len, list(ro.responses)))
+    return out
+
+
+@torch.no_grad()
+def response_logprob_sums(model: Any, batches: Sequence[Batch], device: torch.device) -> torch.Tensor:
+    """(N,) sum of ``log p(y_t | x, y_<t)`` over each response's real tokens under ``model``.
+
+    Only the R hidden states that predict response tokens go through the LM head (as in
+    PPO), with positions counted from the attention mask (left padding skipped).
+    """
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    head = model.get_output_embeddings()
+    sums = []
+    for bt in batches:
+        ids, att = bt.input_ids.to(device), bt.attention_mask.to(device)
+        hidden = backbone(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att),
+                          use_cache=False).last_hidden_state  # (b, Q+R, H)
+        logits = head(hidden[:, bt.query_len - 1:-1])  # (b, R, V): position Q+t-1 predicts token t
+        lp = logprobs_from_logits(logits, bt.response_ids.to(device)).float().cpu()  # (b, R)
+        mask = bt.response_mask.bool()
+        sums.append(torch.where(mask, lp, torch.zeros_like(lp)).sum(1))
+    return torch.cat(sums) if sums else torch.zeros(0)
+
+
+def load_lm(path: Path, cfg: Any, device: torch.device) -> tuple[Any, Any]:
+    """A frozen causal LM (quantized as configured) and its left-padding tokenizer."""
+    from stackllama.models.loader import load_model, load_tokenizer
+
+    tok = load_tokenizer(path, padding_side="left")
+    model = load_model(path, "causal_lm", cfg.quantization, None, cfg.model.dtype, device, tok, trainable=False)
+    return model, tok
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------
+
+
+def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
+    """Fraction of pairs where ``a`` beats ``b``; ties count half."""
+    if len(a) == 0:
+        return float("nan")
+    a_t, b_t = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float(((a_t > b_t).double() + 0.5 * (a_t == b_t).double()).mean())
+
+
+def _mean(x: Sequence[float]) -> float:
+    return float(torch.as_tensor(x, dtype=torch.float64).mean()) if len(x) else float("nan")
+
+
+def _std(x: Sequence[float]) -> float:
+    return float(torch.as_tensor(x, dtype=torch.float64).std()) if len(x) > 1 else 0.0
+
+
+def _corr(x: Sequence[float], y: Sequence[float]) -> float:
+    if len(x) < 2:
+        return float("nan")
+    xy = torch.stack([torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)])
+    if float(xy.std(1).min()) == 0.0:
+        return float("nan")
+    return float(torch.corrcoef(xy)[0, 1])
+
+
+def summarize(
+    ppo_tokens: list[list[int]], ppo_texts: list[str], sft_tokens: list[list[int]], sft_texts: list[str],
+    reward_ppo: Sequence[float], reward_sft: Sequence[float], kl: Sequence[float],
+    gold_ppo: Sequence[float] | None = None, gold_sft: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """The ``eval/...`` figures from per-question responses, rewards, KLs (and gold scores)."""
+    n = len(ppo_texts)
+    wr = win_rate(reward_ppo, reward_sft)
+    len_ppo = [len(t) for t in ppo_tokens]
+    len_sft = [len(t) for t in sft_tokens]
+    out: dict[str, float] = {
+        "eval/num_questions": n,
+        OBJECTIVE: wr,
+        "eval/win_rate_stderr": math.sqrt(wr * (1 - wr) / n) if n else float("nan"),
+        "eval/tie_rate": _mean([float(a == b) for a, b in zip(reward_ppo, reward_sft)]),
+        "eval/reward_mean_ppo": _mean(reward_ppo),
+        "eval/reward_mean_sft": _mean(reward_sft),
+        "eval/reward_std_ppo": _std(reward_ppo),
+        "eval/reward_std_sft": _std(reward_sft),
+        "eval/reward_margin_mean": _mean([a - b for a, b in zip(reward_ppo, reward_sft)]),
+        "eval/kl_mean": _mean(kl),
+        "eval/kl_per_token": sum(kl) / max(sum(len_ppo), 1),
+        "eval/response_len_ppo": _mean(len_ppo),
+        "eval/response_len_sft": _mean(len_sft),
+        "eval/response_chars_ppo": _mean([len(t) for t in ppo_texts]),
+        "eval/response_chars_sft": _mean([len(t) for t in sft_texts]),
+        "eval/frac_identical_responses": _mean([float(a == b) for a, b in zip(ppo_tokens, sft_tokens)]),
+    }
+    for name, tokens, texts in (("ppo", ppo_tokens, ppo_texts), ("sft", sft_tokens, sft_texts)):
+        for key, value in repetition_stats(tokens, texts).items():
+            out[f"eval/hack/{key}_{name}"] = value
+    if gold_ppo is not None and gold_sft is not None:
+        gwr = win_rate(gold_ppo, gold_sft)
+        out.update({
+            "eval/gold_win_rate_vs_sft": gwr,
+            "eval/gold_mean_ppo": _mean(gold_ppo),
+            "eval/gold_mean_sft": _mean(gold_sft),
+            "eval/gold_margin_mean": _mean([a - b for a, b in zip(gold_ppo, gold_sft)]),
+            # > 0: the reward model thinks PPO improved more than it truly did (over-optimization)
+            "eval/proxy_gold_win_gap": wr - gwr,
+            "eval/rm_gold_corr": _corr(list(reward_ppo) + list(reward_sft), list(gold_ppo) + list(gold_sft)),
+        })
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The evaluation
+# --------------------------------------------------------------------------------------
+
+
+def compare(
+    cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path,
+    questions: Sequence[str], gold: Callable[[list[str], list[str]], list[float]] | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Generate, score and compare; returns ``(metrics, one record per question)``."""
+    from stackllama.data import format_prompt
+    from stackllama.reward import RewardScorer
+
+    ev, device, seed = cfg.eval, ctx.device, int(cfg.seed)
+    sampling = sampling_settings(cfg)
+    bs, max_new = int(ev.batch_size), int(ev.max_new_tokens)
+    metrics: dict[str, float] = {}
+    if bs < 1 or max_new < 1:
+        raise ValueError("eval.batch_size and eval.max_new_tokens must be >= 1")
+
+    # 1. The PPO policy: its responses and their log-probs under it --------------------
+    t0 = time.time()
+    model, tok_ppo = load_lm(ppo_path, cfg, device)
+    qs, query_ids, skipped = encode_queries(questions, cfg.data.prompt_template, tok_ppo,
+                                            int(cfg.ppo.max_prompt_length), int(ev.num_questions))
+    if not qs:
+        raise ValueError(f"no evaluation question fits ppo.max_prompt_length={cfg.ppo.max_prompt_length} "
+                         f"({skipped} skipped) or the evaluation split is empty")
+    if skipped:
+        log.info("eval: skipped %d questions longer than %d prompt tokens", skipped, cfg.ppo.max_prompt_length)
+    log.info("eval: %d questions, %d new tokens, batches of %d", len(qs), max_new, bs)
+    ppo_batches = sample(model, tok_ppo, qs, query_ids, max_new, bs, sampling, seed, device)
+    logp_ppo = response_logprob_sums(model, ppo_batches, device)
+    del model
+    _release_memory()
+    t1 = time.time()
+
+    # 2. The SFT reference: its own responses (same seeds), log-probs of PPO's ---------
+    model, tok_sft = load_lm(sft_path, cfg, device)
+    same_vocab = tok_sft.get_vocab() == tok_ppo.get_vocab()
+    sft_query_ids = query_ids if same_vocab else [
+        tok_sft(format_prompt(cfg.data.prompt_template, q), add_special_tokens=False)["input_ids"] for q in qs
+    ]
+    sft_batches = sample(model, tok_sft, qs, sft_query_ids, max_new, bs, sampling, seed, device)
+    if same_vocab:
+        logp_ref = response_logprob_sums(model, ppo_batches, device)
+        kl = (logp_ppo - logp_ref).tolist()
+    else:
+        log.warning("eval: the PPO and SFT tokenizers differ; the KL to the reference is not defined")
+        kl = [float("nan")] * len(qs)
+    del model
+    _release_memory()
+    t2 = time.time()
+
+    ppo_texts = [r for bt in ppo_batches for r in bt.responses]
+    sft_texts = [r for bt in sft_batches for r in bt.responses]
+    ppo_tokens = [t for bt in ppo_batches for t in bt.token_lists()]
+    sft_tokens = [t for bt in sft_batches for t in bt.token_lists()]
+
+    # 3. Reward model (the proxy) and gold scorer (the truth, synthetic data only) ------
+    scorer = RewardScorer.from_pretrained(rm_path, device=device, batch_size=int(cfg.ppo.reward_batch_size),
+                                          template=cfg.data.prompt_template, quant_cfg=cfg.quantization)
+    reward_ppo = scorer.score(qs, ppo_texts).tolist()
+    reward_sft = scorer.score(qs, sft_texts).tolist()
+    del scorer
+    _release_memory()
+    gold_ppo = gold_sft = None
+    if gold is not None:
+        gold_ppo = [float(x) for x in gold(list(qs), ppo_texts)]
+        gold_sft = [float(x) for x in gold(list(qs), sft_texts)]
+    t3 = time.time()
+
+    metrics.update(summarize(ppo_tokens, ppo_texts, sft_tokens, sft_texts, reward_ppo, reward_sft, kl,
+                             gold_ppo, gold_sft))
+    metrics.update({
+        "eval/skipped_too_long": skipped,
+        "time/eval/ppo_s": round(t1 - t0, 3),
+        "time/eval/sft_s": round(t2 - t1, 3),
+        "time/eval/score_s": round(t3 - t2, 3),
+    })
+    records = []
+    for i, q in enumerate(qs):
+        rec = {
+            "question": q, "sft": sft_texts[i], "ppo": ppo_texts[i],
+            "reward_sft": reward_sft[i], "reward_ppo": reward_ppo[i], "kl": kl[i],
+            "len_sft": len(sft_tokens[i]), "len_ppo": len(ppo_tokens[i]),
+        }
+        if gold_ppo is not None and gold_sft is not None:
+            rec.update({"gold_sft": gold_sft[i], "gold_ppo": gold_ppo[i]})
+        records.append(rec)
+    return metrics, records
+
+
+def evaluate(cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path) -> float:
+    """Compare the artifacts, record the figures, write the report; returns the objective."""
+    from stackllama.data import build_dataset, gold_scorer
+    from stackllama.eval_report import write_report
+
+    started = time.time()
+    splits = build_dataset(cfg.data)
+    gold = gold_scorer(cfg.data)
+    metrics, records = compare(cfg, ctx, Path(ppo_path), Path(sft_path), Path(rm_path),
+                               list(splits.evaluation["question"]), gold)
+    metrics["time/stage/eval_s"] = round(time.time() - started, 3)
+    ctx.metrics.update(metrics)
+    with open(Path(ctx.run_dir) / "eval_samples.jsonl", "w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+    ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    upstream = {"ppo": Path(ppo_path), "sft": Path(sft_path), "rm": Path(rm_path)}
+    reused = {s: ctx.metrics.values.get(f"upstream/{s}/reused") for s in upstream}
+    report = write_report(cfg, Path(ctx.run_dir), ctx.metrics.values, records, upstream, reused, ctx.tracker)
+    ctx.metrics.update({"eval/report": str(report)})
+    gold_txt = ""
+    if "eval/gold_win_rate_vs_sft" in metrics:
+        gold_txt = (f"; gold win rate {metrics['eval/gold_win_rate_vs_sft']:.3f}, gold mean "
+                    f"{metrics['eval/gold_mean_sft']:.3f} -> {metrics['eval/gold_mean_ppo']:.3f}")
+    log.info("eval: PPO beats SFT in %.3f of %d questions (RM); reward %.3f -> %.3f; KL %.3f%s. Report: %s",
+             metrics[OBJECTIVE], metrics["eval/num_questions"], metrics["eval/reward_mean_sft"],
+             metrics["eval/reward_mean_ppo"], metrics["eval/kl_mean"], gold_txt, report)
+    return float(metrics[OBJECTIVE])
+
+
+def run(cfg: Any, ctx: Any) -> float:
+    sft_path = artifacts.require("sft", cfg, ctx, explicit=cfg.ppo.policy_path)
+    rm_path = artifacts.require("rm", cfg, ctx, explicit=cfg.ppo.reward_model_path)
+    # Building PPO re-requires SFT and RM (found, so "reused"): keep what this run observed.
+    observed = {k: v for k, v in ctx.metrics.values.items() if k.startswith("upstream/")}
+    ppo_path = artifacts.require("ppo", cfg, ctx)
+    ctx.metrics.update(observed)
+    return evaluate(cfg, ctx, ppo_path, sft_path, rm_path)
+
+
+__all__ = ["run", "evaluate", "compare", "summarize", "win_rate", "eval_questions", "sample",
+           "response_logprob_sums", "OBJECTIVE"]

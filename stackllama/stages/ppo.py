@@ -61,6 +61,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     policy, tok = load_policy(cfg, sft_path, ctx.device)
     reward = RewardScorer.from_pretrained(
         rm_path, device=ctx.device, batch_size=int(cfg.ppo.reward_batch_size),
+        max_length=int(cfg.rm.max_length),  # score texts as the RM saw them in training
         template=cfg.data.prompt_template, quant_cfg=cfg.quantization,
     )
     prompts = PromptSource(list(splits.rl["question"]), list(splits.rl["query"]), tok,

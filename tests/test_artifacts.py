@@ -1,0 +1,226 @@
+"""The artifact store (stackllama.artifacts), with dummy builds and no models.
+
+* two processes needing the same artifact build it once and share the folder;
+* a build killed (SIGKILL) or raising leaves nothing a later run trusts, and the next
+  ``ensure`` builds again from scratch;
+* keys: an upstream setting changes every downstream key, a PPO-only setting only PPO's,
+  observation-only settings none; explicit model paths replace upstream artifacts.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from stackllama import artifacts
+from stackllama.metrics import Metrics
+from tests.conftest import compose_cfg
+
+STAGE = "sft"
+
+
+def _overrides(root: Path, *extra: str) -> list[str]:
+    return ["model=tiny", "logger=none", f"artifacts_dir={root}", *extra]
+
+
+def _ctx(run_dir: Path) -> SimpleNamespace:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(run_dir=run_dir, metrics=Metrics(run_dir / "metrics.json"), tracker=None, device="cpu")
+
+
+def _invocations(root: Path) -> list[str]:
+    path = Path(root) / "invocations.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+# Builds (module level: spawned processes import them by name) --------------------------
+
+
+def recording_build(cfg, ctx, work_dir, out_dir, delay: float = 0.0):
+    """Record the call, take ``delay`` seconds, write one file."""
+    with open(Path(cfg.artifacts_dir) / "invocations.txt", "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    time.sleep(delay)
+    (Path(out_dir) / "weights.txt").write_text("trained")
+    return {"dummy/loss": 0.5}
+
+
+def hanging_build(cfg, ctx, work_dir, out_dir):
+    """Half-write the output, say so, then hang until killed."""
+    (Path(out_dir) / "partial.txt").write_text("half a model")
+    (Path(work_dir) / "checkpoint.txt").write_text("step 1")
+    (Path(cfg.artifacts_dir) / "started").write_text(str(os.getpid()))
+    time.sleep(600)
+    return {}
+
+
+def failing_build(cfg, ctx, work_dir, out_dir):
+    (Path(out_dir) / "partial.txt").write_text("half a model")
+    raise RuntimeError("out of memory (simulated)")
+
+
+def _ensure_worker(overrides, run_dir, barrier, delay, queue):
+    cfg = compose_cfg(overrides)
+    ctx = _ctx(run_dir)
+    barrier.wait(timeout=120)  # both processes ask at the same moment
+    folder, manifest, reused = artifacts.ensure(STAGE, cfg, ctx, functools.partial(recording_build, delay=delay))
+    queue.put((str(folder), manifest["key"], bool(reused)))
+
+
+def _hanging_worker(overrides, run_dir):
+    cfg = compose_cfg(overrides)
+    artifacts.ensure(STAGE, cfg, _ctx(run_dir), hanging_build)
+
+
+# Concurrency and crash safety ----------------------------------------------------------
+
+
+def test_two_processes_build_a_prerequisite_once(tmp_path):
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    overrides = _overrides(root)
+    spawn = mp.get_context("spawn")
+    barrier, queue = spawn.Barrier(2), spawn.Queue()
+    procs = [spawn.Process(target=_ensure_worker, args=(overrides, tmp_path / f"run{i}", barrier, 2.0, queue))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len(_invocations(root)) == 1, "the build ran more than once"
+    folders = {r[0] for r in results}
+    assert len(folders) == 1, f"the two jobs got different folders: {folders}"
+    assert sorted(r[2] for r in results) == [False, True]  # one built it, the other waited and reused
+    folder = Path(folders.pop())
+    cfg = compose_cfg(overrides)
+    assert folder == artifacts.stage_dir(STAGE, cfg)
+    assert artifacts.is_trusted(folder) and (folder / "weights.txt").read_text() == "trained"
+    manifest = artifacts.read_manifest(folder)
+    assert manifest["metrics"] == {"dummy/loss": 0.5} and manifest["key"] == folder.name
+
+    # a third request is answered from the manifest without building
+    again, _, reused = artifacts.ensure(STAGE, cfg, _ctx(tmp_path / "run3"), recording_build)
+    assert reused and again == folder and len(_invocations(root)) == 1
+
+
+def test_killed_build_leaves_no_trusted_artifact(tmp_path):
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    overrides = _overrides(root)
+    cfg = compose_cfg(overrides)
+    final = artifacts.stage_dir(STAGE, cfg)
+    proc = mp.get_context("spawn").Process(target=_hanging_worker, args=(overrides, tmp_path / "run0"))
+    proc.start()
+    deadline = time.time() + 120
+    while not (root / "started").exists():
+        assert proc.is_alive(), "the build process died before starting its build"
+        assert time.time() < deadline, "the build never started"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-build, holding the lock
+    proc.join(timeout=30)
+    assert proc.exitcode == -signal.SIGKILL
+
+    assert not final.exists() and not artifacts.is_trusted(final)
+    assert not list(root.rglob(artifacts.MANIFEST))
+    # the lock died with the process: the next job builds (no wait), from a clean output folder
+    folder, manifest, reused = artifacts.ensure(STAGE, cfg, _ctx(tmp_path / "run1"), recording_build)
+    assert not reused and folder == final and artifacts.is_trusted(folder)
+    assert len(_invocations(root)) == 1
+    assert not (folder / "partial.txt").exists(), "the killed build's half-written output was trusted"
+    # work_dir (checkpoints) survives for resuming
+    assert (final.with_name(final.name + ".work") / "checkpoint.txt").exists()
+
+
+def test_failed_build_leaves_no_trusted_artifact(tmp_path):
+    root = tmp_path / "artifacts"
+    cfg = compose_cfg(_overrides(root))
+    ctx = _ctx(tmp_path / "run")
+    final = artifacts.stage_dir(STAGE, cfg)
+    with pytest.raises(RuntimeError, match="simulated"):
+        artifacts.ensure(STAGE, cfg, ctx, failing_build)
+    assert not final.exists() and not artifacts.is_trusted(final)
+    folder, _, reused = artifacts.ensure(STAGE, cfg, ctx, recording_build)  # the lock was released
+    assert not reused and artifacts.is_trusted(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [artifacts.MANIFEST, "weights.txt"]
+
+
+# Keys ----------------------------------------------------------------------------------
+
+
+def _keys(root: Path, *extra: str) -> dict[str, str]:
+    cfg = compose_cfg(_overrides(root, *extra))
+    return {s: artifacts.stage_key(s, cfg) for s in ("sft", "rm", "ppo", "eval")}
+
+
+def test_upstream_setting_changes_every_downstream_key(tmp_path):
+    base = _keys(tmp_path)
+    assert _keys(tmp_path) == base  # deterministic
+    assert all(k.startswith("tiny-") for k in base.values())
+    changed = _keys(tmp_path, "sft.learning_rate=3e-5")
+    assert all(changed[s] != base[s] for s in ("sft", "rm", "ppo", "eval"))
+    rm_only = _keys(tmp_path, "rm.learning_rate=1e-5")
+    assert rm_only["sft"] == base["sft"] and rm_only["rm"] != base["rm"] and rm_only["ppo"] != base["ppo"]
+    data = _keys(tmp_path, "data.synthetic.num_questions=99")
+    assert all(data[s] != base[s] for s in base)
+    seed = _keys(tmp_path, "seed=1")
+    assert all(seed[s] != base[s] for s in base)
+
+
+def test_ppo_setting_changes_only_the_ppo_key(tmp_path):
+    base = _keys(tmp_path)
+    kl = _keys(tmp_path, "ppo.kl_coef=0.05")
+    assert kl["sft"] == base["sft"] and kl["rm"] == base["rm"]
+    assert kl["ppo"] != base["ppo"] and kl["eval"] != base["eval"]
+    # how a run is observed is not what it produces
+    observed = _keys(tmp_path, "ppo.log_every=5", "sft.logging_steps=3", "eval.num_samples_in_report=2",
+                     "logger=tensorboard", "device=cpu")
+    assert observed == base
+    assert _keys(tmp_path / "elsewhere") == base  # the key does not depend on where artifacts live
+
+
+def test_explicit_policy_path_is_honored(tmp_path):
+    root = tmp_path / "artifacts"
+    policy = tmp_path / "my_policy"
+    policy.mkdir()
+    (policy / "config.json").write_text("{}")
+    cfg = compose_cfg(_overrides(root, f"ppo.policy_path={policy}"))
+    ctx = _ctx(tmp_path / "run")
+    got = artifacts.require("sft", cfg, ctx, explicit=cfg.ppo.policy_path)
+    assert got == policy
+    assert ctx.metrics["upstream/sft/path"] == str(policy) and ctx.metrics["upstream/sft/reused"] is True
+    assert not (root / "sft").exists(), "an SFT artifact was built although a policy path was given"
+
+    # the PPO key follows the given policy, not the SFT settings it replaces
+    both = [f"ppo.policy_path={policy}", f"ppo.reward_model_path={policy}"]
+    assert _keys(root, *both)["ppo"] == _keys(root, *both, "sft.learning_rate=3e-5")["ppo"]
+    assert _keys(root, *both)["ppo"] != _keys(root)["ppo"]
+    assert _keys(root, f"ppo.policy_path={policy}")["ppo"] != _keys(root)["ppo"]
+
+    # a path that holds no model fails loudly instead of silently building something else
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        artifacts.require("sft", cfg, ctx, explicit=str(empty))
+
+
+def test_all_stage_needs_follow_explicit_paths(tmp_path):
+    from stackllama.stages.all import needed, prefixed
+
+    assert needed(compose_cfg(_overrides(tmp_path))) == {"sft": True, "rm": True, "ppo": True}
+    given = [f"ppo.policy_path={tmp_path}", f"ppo.reward_model_path={tmp_path}"]
+    assert needed(compose_cfg(_overrides(tmp_path, *given))) == {"sft": False, "rm": False, "ppo": True}
+    # the RM still needs the SFT model unless it is given a base of its own
+    assert needed(compose_cfg(_overrides(tmp_path, given[0])))["sft"] is True
+    assert needed(compose_cfg(_overrides(tmp_path, given[0], f"rm.model_path={tmp_path}")))["sft"] is False
+    assert prefixed("ppo", {"ppo/reward_mean_end": 1.0, "objective/kl_end": 2.0, "nested": {"x": 1}}) == {
+        "ppo/reward_mean_end": 1.0, "ppo/objective/kl_end": 2.0}
