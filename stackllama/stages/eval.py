@@ -298,6 +298,7 @@ def compare(
 
     # 3. Reward model (the proxy) and gold scorer (the truth, synthetic data only) ------
     scorer = RewardScorer.from_pretrained(rm_path, device=device, batch_size=int(cfg.ppo.reward_batch_size),
+                                          max_length=int(cfg.rm.max_length),  # as PPO scores
                                           template=cfg.data.prompt_template, quant_cfg=cfg.quantization)
     reward_ppo = scorer.score(qs, ppo_texts).tolist()
     reward_sft = scorer.score(qs, sft_texts).tolist()
