@@ -1,5 +1,334 @@
-"""Stage 'rm': not implemented yet."""
+"""Stage 'rm': train the reward model on vote-ranked answer pairs (the article's step 2).
+
+Recipe: the SFT model (or ``rm.model_path``) becomes a 1-label sequence classifier with
+LoRA adapters (the ``score`` head is trained in full through peft's ``modules_to_save``),
+trained by TRL's ``RewardTrainer`` on ``-log sigmoid(r_chosen - r_rejected)`` over pairs of
+answers to the same question from the ``reward`` split. Each text is the prompt template
+filled with question and answer; TRL appends EOS and we tokenize exactly as it would.
+
+* Pairs where the chosen or rejected text is longer than ``rm.max_length`` tokens are
+  dropped *before* training and counted (``data/dropped_too_long``: among the pairs
+  examined in shuffled order until ``rm.max_train_pairs`` were kept).
+* Held-out evaluation on the ``evaluation`` split goes through ``RewardScorer`` (the same
+  code PPO uses, long texts left-truncated), before and after training:
+  ``eval/accuracy`` (better answer scored strictly higher), ``eval/margin``,
+  ``eval/accuracy_before``, and on synthetic data ``eval/gold_accuracy`` (the hidden
+  gold scorer's accuracy on the same pairs: what noise-free votes would allow).
+* The adapters are merged and a plain ``AutoModelForSequenceClassification`` folder is
+  saved *with its trained score head* (the classic StackLlama merge lost or re-initialized
+  it: TRL issues #297, #368); a quantized base is reloaded unquantized in
+  ``quantization.compute_dtype`` and the saved adapter (score head included) merged there.
+  The saved folder is reloaded and re-scored on evaluation texts; the largest difference
+  from the trained in-memory model is ``eval/merge_max_abs_diff``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stackllama import artifacts
+from stackllama.reward import RewardScorer, encode_reward_texts, format_text, pairwise_metrics
+
+log = logging.getLogger(__name__)
+
+MERGE_CHECK_TEXTS = 32  # evaluation texts re-scored with the saved folder
 
 
-def run(cfg, ctx):
-    raise NotImplementedError("stage=rm is not implemented yet")
+def _shuffled(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}-rm").shuffle(order)
+    return order
+
+
+def encode_train_pairs(
+    dataset: Any, tokenizer: Any, template: str, max_length: int | None, cap: int | None, seed: int,
+    chunk: int = 512,
+) -> tuple[dict[str, list], int, int]:
+    """Token ids of ``cap`` pairs (all when None) no longer than ``max_length``, in shuffled order.
+
+    Returns ``(columns, dropped_too_long, examined)``: columns hold ``chosen_ids`` and
+    ``rejected_ids`` as TRL's RewardTrainer would build them (template + EOS, tokenized).
+    """
+    order = _shuffled(len(dataset), seed)
+    cols: dict[str, list] = {"chosen_ids": [], "rejected_ids": []}
+    dropped = examined = 0
+    limit = len(order) if cap is None else int(cap)
+    for start in range(0, len(order), chunk):
+        if len(cols["chosen_ids"]) >= limit:
+            break
+        rows = dataset.select(order[start:start + chunk])
+        qs = rows["question"]
+        chosen = encode_reward_texts(tokenizer, [format_text(template, q, a) for q, a in zip(qs, rows["chosen"])])
+        rejected = encode_reward_texts(tokenizer, [format_text(template, q, a) for q, a in zip(qs, rows["rejected"])])
+        for c, r in zip(chosen, rejected):
+            if len(cols["chosen_ids"]) >= limit:
+                break
+            examined += 1
+            if max_length is not None and (len(c) > max_length or len(r) > max_length):
+                dropped += 1
+                continue
+            cols["chosen_ids"].append(list(c))
+            cols["rejected_ids"].append(list(r))
+    return cols, dropped, examined
+
+
+def eval_pairs(dataset: Any, cap: int | None, seed: int) -> Any:
+    """The held-out pairs scored (a seeded sample of ``cap`` when capped)."""
+    if cap is not None and len(dataset) > int(cap):
+        return dataset.select(sorted(_shuffled(len(dataset), seed + 1)[: int(cap)]))
+    return dataset
+
+
+def evaluate_pairs(scorer: RewardScorer, pairs: Any) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    qs = list(pairs["question"])
+    chosen = scorer.score(qs, list(pairs["chosen"]))
+    rejected = scorer.score(qs, list(pairs["rejected"]))
+    return pairwise_metrics(chosen, rejected), chosen, rejected
+
+
+def gold_accuracy(gold: Any, pairs: Any) -> float:
+    qs = list(pairs["question"])
+    good = torch.tensor(gold(qs, list(pairs["chosen"])), dtype=torch.float64)
+    bad = torch.tensor(gold(qs, list(pairs["rejected"])), dtype=torch.float64)
+    return float((good > bad).double().mean()) if len(qs) else float("nan")
+
+
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Batches of pairs of similar length, in a random batch order (less padding on CPU).
+
+    The collator pads a batch's chosen and rejected texts to the longest of them, so random
+    batches waste much of their compute on padding; sorting alone would feed all long pairs
+    first, so the sorted batches are shuffled (a new order each epoch).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths = list(lengths)
+        self.batch_size = max(1, int(batch_size))
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = random.Random(f"{self.seed}-buckets-{self.epoch}")
+        self.epoch += 1
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], rng.random()))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        # The DataLoader cuts this stream every batch_size indices: a short batch must stay last.
+        tail = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
+        rng.shuffle(batches)
+        batches += tail
+        for batch in batches:
+            yield from batch
+
+
+def reward_trainer_class():
+    """TRL's RewardTrainer with length-bucketed training batches."""
+    from trl import RewardTrainer
+
+    class BucketedRewardTrainer(RewardTrainer):
+        pair_lengths: list[int] | None = None
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.pair_lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            return LengthBucketSampler(self.pair_lengths, self.args.per_device_train_batch_size, self.args.seed)
+
+    return BucketedRewardTrainer
+
+
+def reward_config(cfg: Any, ctx: Any, work_dir: Path, num_pairs: int):
+    from trl import RewardConfig
+
+    rm = cfg.rm
+    return RewardConfig(
+        output_dir=str(work_dir / "checkpoints"),
+        learning_rate=float(rm.learning_rate),
+        per_device_train_batch_size=int(rm.batch_size),
+        per_device_eval_batch_size=int(rm.eval_batch_size),
+        gradient_accumulation_steps=int(rm.gradient_accumulation_steps),
+        num_train_epochs=float(rm.num_train_epochs),
+        max_steps=int(rm.max_steps),
+        weight_decay=float(rm.weight_decay),
+        lr_scheduler_type=str(rm.lr_scheduler_type),
+        warmup_steps=int(rm.warmup_steps),
+        logging_steps=int(rm.logging_steps),
+        max_length=int(rm.max_length),
+        gradient_checkpointing=bool(rm.gradient_checkpointing),
+        center_rewards_coefficient=None,
+        disable_dropout=False,  # honour rm.lora.dropout (the article's 0.1)
+        bf16=False,
+        fp16=False,
+        use_cpu=ctx.device.type == "cpu",
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        seed=int(cfg.seed),
+        data_seed=int(cfg.seed),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def save_merged(cfg: Any, model: Any, tokenizer: Any, base_path: Path, work_dir: Path, out_dir: Path) -> str:
+    """Write a plain seq-cls folder (merged weights, trained score head, tokenizer) to ``out_dir``."""
+    from peft import PeftModel
+
+    quantized = cfg.quantization.mode != "none"
+    if isinstance(model, PeftModel):
+        if quantized:
+            from stackllama.models.merge import merge_adapter_into_base
+
+            adapter = work_dir / "adapter"
+            model.save_pretrained(str(adapter))  # LoRA weights + the score head (modules_to_save)
+            merge_adapter_into_base(base_path, adapter, out_dir, "seq_cls", cfg.quantization.compute_dtype, tokenizer)
+            return "reloaded_unquantized"
+        merged = model.merge_and_unload()
+    else:
+        if quantized:
+            raise ValueError("a quantized reward model without LoRA adapters cannot be saved")
+        merged = model
+    merged.config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return "in_memory"
+
+
+def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
+    from stackllama.data import build_dataset, gold_scorer
+    from stackllama.models.loader import count_parameters, load_model, load_tokenizer
+    from stackllama.tracking import trainer_callback
+
+    rm = cfg.rm
+    base_path = artifacts.require("sft", cfg, ctx, explicit=rm.model_path)
+    template = cfg.data.prompt_template
+    seed = int(cfg.seed)
+    max_length = int(rm.max_length)
+    metrics: dict[str, Any] = {}
+
+    splits = build_dataset(cfg.data)
+    metrics.update(splits.stats)
+    tokenizer = load_tokenizer(base_path, padding_side="right")
+
+    cols, dropped, examined = encode_train_pairs(splits.reward, tokenizer, template, max_length,
+                                                 rm.max_train_pairs, seed)
+    if not cols["chosen_ids"]:
+        raise ValueError(f"no reward pairs left to train on: {dropped} of {examined} examined are longer than "
+                         f"rm.max_length={max_length} tokens")
+    evaluation = eval_pairs(splits.evaluation, rm.max_eval_pairs, seed)
+    if len(evaluation) == 0:
+        raise ValueError("the evaluation split holds no pairs: raise data.splits.evaluation or data.max_questions")
+    metrics.update({
+        "data/train_pairs": len(cols["chosen_ids"]),
+        "data/eval_pairs": len(evaluation),
+        "data/dropped_too_long": dropped,
+        "data/examined_pairs": examined,
+    })
+    log.info("rm: %d training pairs (%d of %d examined dropped as longer than %d tokens), %d eval pairs",
+             len(cols["chosen_ids"]), dropped, examined, max_length, len(evaluation))
+
+    model = load_model(base_path, "seq_cls", cfg.quantization, rm.lora, dtype=cfg.model.dtype,
+                       device=ctx.device, tokenizer=tokenizer,
+                       gradient_checkpointing=bool(rm.gradient_checkpointing))
+    metrics.update(count_parameters(model))
+
+    def scorer(net: Any) -> RewardScorer:
+        return RewardScorer(net, tokenizer, template, batch_size=int(rm.eval_batch_size),
+                            max_length=max_length, device=ctx.device)
+
+    started = time.time()
+    log.info("rm: scoring %d held-out pairs with the untrained model ...", len(evaluation))
+    before, _, _ = evaluate_pairs(scorer(model), evaluation)
+    metrics["eval/accuracy_before"] = before["accuracy"]
+    metrics["eval/margin_before"] = before["margin"]
+    metrics["eval/seconds_before"] = round(time.time() - started, 2)
+
+    import datasets
+
+    train_set = datasets.Dataset.from_dict(cols)
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    trainer_cls = reward_trainer_class()
+    trainer_cls.pair_lengths = [max(len(c), len(r)) for c, r in zip(cols["chosen_ids"], cols["rejected_ids"])]
+    trainer = trainer_cls(
+        model=model,
+        args=reward_config(cfg, ctx, work_dir, len(train_set)),
+        train_dataset=train_set,
+        processing_class=tokenizer,
+        callbacks=[trainer_callback(ctx.tracker)],
+    )
+    # On a quantized base TRL casts the trainable weights (adapters and the score head) to
+    # bfloat16, which only works under bf16 autocast; keep them in the dtype the base computes
+    # in, as loaded (the optimizer is created later, by train()).
+    for name, p in trainer.model.named_parameters():
+        if name in dtypes and p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
+    started = time.time()
+    log.info("rm: training on %d pairs (eval accuracy before training %.3f) ...", len(train_set),
+             before["accuracy"])
+    result = trainer.train()
+    metrics["train/seconds"] = round(time.time() - started, 2)
+    metrics["train/loss"] = float(result.training_loss)
+    metrics["train/steps"] = int(result.global_step)
+    history = [h for h in trainer.state.log_history if "accuracy" in h]
+    if history:
+        metrics["train/accuracy_last_log"] = float(history[-1]["accuracy"])
+    model = trainer.model
+
+    started = time.time()
+    log.info("rm: trained in %.0f s (loss %.4f); scoring the held-out pairs ...", metrics["train/seconds"],
+             metrics["train/loss"])
+    after, chosen, rejected = evaluate_pairs(scorer(model), evaluation)
+    metrics["eval/accuracy"] = after["accuracy"]
+    metrics["eval/margin"] = after["margin"]
+    metrics["eval/seconds"] = round(time.time() - started, 2)
+    gold = gold_scorer(cfg.data)
+    if gold is not None:
+        metrics["eval/gold_accuracy"] = gold_accuracy(gold, evaluation)
+
+    # Merge and save; then reload the folder and check it scores as the trained model did.
+    k = min(MERGE_CHECK_TEXTS, len(evaluation))
+    check = evaluation.select(range(k))
+    expected = chosen[:k]  # scores come back in input order
+    metrics["merge/method"] = save_merged(cfg, model, tokenizer, base_path, work_dir, out_dir)
+    del trainer, model
+    reloaded = RewardScorer.from_pretrained(out_dir, device=ctx.device, batch_size=int(rm.eval_batch_size),
+                                            max_length=max_length, template=template,
+                                            dtype=_saved_dtype(cfg))
+    got = reloaded.score(list(check["question"]), list(check["chosen"]))
+    diff = float((got - expected).abs().max())
+    metrics["eval/merge_max_abs_diff"] = diff
+    scale = 1.0 + float(expected.abs().max())
+    if cfg.quantization.mode == "none" and _saved_dtype(cfg) == "float32" and diff > 1e-3 * scale:
+        raise RuntimeError(f"the merged reward model scores differ from the trained one by {diff:.4g}: "
+                           "the score head or adapters were not merged correctly")
+    if diff > 5e-2 * scale:
+        log.warning("merged reward model differs from the trained one by up to %.4g", diff)
+    ctx.tracker.log({k2: v for k2, v in metrics.items() if k2.startswith("eval/") and isinstance(v, float)})
+    log.info("rm: eval accuracy %.3f (before %.3f, gold %s), margin %.3f, merge diff %.2g",
+             metrics["eval/accuracy"], metrics["eval/accuracy_before"],
+             f"{metrics['eval/gold_accuracy']:.3f}" if "eval/gold_accuracy" in metrics else "n/a",
+             metrics["eval/margin"], diff)
+    return metrics
+
+
+def _saved_dtype(cfg: Any) -> str:
+    """The dtype the merged folder holds (quantized bases are merged in the compute dtype)."""
+    return cfg.quantization.compute_dtype if cfg.quantization.mode != "none" else cfg.model.dtype
+
+
+def run(cfg: Any, ctx: Any) -> float | None:
+    """Build (or reuse) the reward model artifact; the sweep objective is ``eval/accuracy``."""
+    _, metrics = artifacts.run_stage("rm", cfg, ctx)
+    value = metrics.get("eval/accuracy")
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+__all__ = ["build", "run", "encode_train_pairs", "eval_pairs", "save_merged"]

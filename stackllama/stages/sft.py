@@ -1,5 +1,260 @@
-"""Stage 'sft': not implemented yet."""
+"""Stage 'sft': domain adaptation with the causal-LM objective (StackLlama step 1).
+
+The article fine-tunes the base model on ``Question: ...\\n\\nAnswer: ...`` texts of the
+finetune split, packed into fixed-length blocks so no compute is spent on padding, with
+LoRA adapters on an 8-bit base; then it merges the adapters into the base weights, so
+the reward model and PPO start from a plain model. ``build`` does exactly that with TRL's
+SFTTrainer and measures what the step bought: held-out perplexity before and after.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
 
 
-def run(cfg, ctx):
-    raise NotImplementedError("stage=sft is not implemented yet")
+from stackllama import distributed, sft_utils
+from stackllama.models.loader import load_model, load_tokenizer, model_folder, torch_dtype
+from stackllama.tracking import trainer_callback
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+SAMPLES_FILE = "sft_samples.md"
+
+
+def run(cfg: Any, ctx: Any) -> float:
+    """Build (or reuse) the SFT artifact; the sweep objective is its held-out perplexity."""
+    from stackllama.artifacts import run_stage
+
+    _, metrics = run_stage("sft", cfg, ctx)
+    return float(metrics["eval/perplexity"])
+
+
+def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Train, measure, merge and save the SFT model into ``out_dir``; return its metrics.
+
+    Under DDP every rank trains; rank 0 alone evaluates, merges, saves and samples (the
+    artifact store publishes rank 0's folder and metrics).
+    """
+    work_dir = Path(work_dir)
+    main = distributed.is_main()
+    splits, train_ds, held_ds = load_texts(cfg)
+    base_path = model_folder(cfg.model)
+    tokenizer = load_tokenizer(base_path)
+    model = load_policy(cfg, ctx, base_path, tokenizer)
+    metrics: dict[str, Any] = {**splits.stats, **sft_utils.count_parameters(model)}
+    metrics.update({"data/sft_train_texts": len(train_ds), "data/sft_eval_texts": len(held_ds)})
+
+    held_texts = list(held_ds["text"])
+    if main:
+        metrics["eval/perplexity_before"] = held_out_perplexity(cfg, ctx, model, tokenizer, held_texts)
+        log.info("Held-out perplexity before SFT: %.3f", metrics["eval/perplexity_before"])
+
+    trainer = make_trainer(cfg, ctx, model, tokenizer, train_ds, work_dir)
+    metrics.update(train(cfg, trainer, work_dir))
+    if not main:
+        return metrics
+    model = trainer.model
+
+    metrics["eval/perplexity"] = held_out_perplexity(cfg, ctx, model, tokenizer, held_texts)
+    log.info(
+        "Held-out perplexity: %.3f -> %.3f", metrics["eval/perplexity_before"], metrics["eval/perplexity"]
+    )
+
+    merged = merge(cfg, ctx, model, base_path, work_dir)
+    del trainer, model
+    if cfg.quantization.mode != "none":
+        # The shipped model is the adapter on full-precision weights, not on the quantized ones
+        # it was trained against; record what that changes.
+        metrics["eval/perplexity_merged"] = held_out_perplexity(cfg, ctx, merged, tokenizer, held_texts)
+    sft_utils.save_plain_model(merged, tokenizer, out_dir)
+    log_samples(cfg, ctx, merged, tokenizer, held_ds)
+    return metrics
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def load_texts(cfg: Any):
+    """The finetune split as (splits, training texts, held-out texts)."""
+    from stackllama.data import build_dataset
+
+    splits = build_dataset(cfg.data)
+    train_ds, held_ds = sft_utils.hold_out_questions(splits.finetune, int(cfg.sft.eval_size), int(cfg.seed))
+    train_ds = sft_utils.cap_texts(train_ds, cfg.sft.max_train_texts, int(cfg.seed))
+    log.info("SFT texts: %d to train on, %d held out for perplexity", len(train_ds), len(held_ds))
+    return splits, train_ds, held_ds
+
+
+def load_policy(cfg: Any, ctx: Any, base_path: Path, tokenizer: Any):
+    """The base causal LM with the configured quantization and LoRA adapters."""
+    model = load_model(
+        base_path,
+        "causal_lm",
+        cfg.quantization,
+        cfg.lora,
+        dtype=cfg.model.dtype,
+        device=ctx.device,
+        tokenizer=tokenizer,
+        gradient_checkpointing=bool(cfg.sft.gradient_checkpointing),
+    )
+    if cfg.quantization.mode == "nf4":
+        sft_utils.keep_4bit_layers_trainable(model)  # we evaluate before training; see there
+    return model
+
+
+def held_out_perplexity(cfg: Any, ctx: Any, model: Any, tokenizer: Any, texts: list[str]) -> float:
+    """The one perplexity function used before and after, so the two figures compare."""
+    return sft_utils.perplexity(
+        model, tokenizer, texts, int(cfg.sft.seq_length), int(cfg.sft.eval_batch_size), ctx.device
+    )
+
+
+def training_args(cfg: Any, ctx: Any, work_dir: Path):
+    """``trl.SFTConfig`` from ``cfg.sft``: the article's packing and schedule, our tracking."""
+    from trl import SFTConfig
+
+    sft = cfg.sft
+    on_cuda = ctx.device.type == "cuda"
+    return SFTConfig(
+        output_dir=str(work_dir / CHECKPOINTS),
+        max_steps=int(sft.max_steps),
+        per_device_train_batch_size=int(sft.batch_size),
+        gradient_accumulation_steps=int(sft.gradient_accumulation_steps),
+        learning_rate=float(sft.learning_rate),
+        lr_scheduler_type=str(sft.lr_scheduler_type),
+        warmup_steps=int(sft.warmup_steps),
+        weight_decay=float(sft.weight_decay),
+        logging_steps=int(sft.logging_steps),
+        save_strategy="steps",
+        save_steps=int(sft.save_steps),
+        save_total_limit=int(sft.save_total_limit),
+        seed=int(cfg.seed),
+        report_to="none",  # our TrackerCallback forwards the logs
+        use_cpu=not on_cuda,
+        bf16=on_cuda and cfg.model.dtype == "bfloat16",
+        dataset_text_field="text",
+        max_length=int(sft.seq_length),
+        packing=bool(sft.packing),
+        # bfd_split: best-fit packing that splits over-long texts instead of dropping their
+        # tails, so (like the article's ConstantLengthDataset) every token is trained on;
+        # unlike it, texts never attend across their boundaries (padding-free batches).
+        packing_strategy="bfd_split",
+        **checkpointing_kwargs(bool(sft.gradient_checkpointing)),
+    )
+
+
+def checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing arguments, only when on (transformers 5 warns on the old names)."""
+    if not enabled:
+        return {}
+    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+def make_trainer(cfg: Any, ctx: Any, model: Any, tokenizer: Any, train_ds: Any, work_dir: Path):
+    """An SFTTrainer on our already loaded model, its collator wrapped to count padding."""
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args(cfg, ctx, work_dir),
+        train_dataset=train_ds.select_columns(["text"]),
+        processing_class=tokenizer,
+        callbacks=[trainer_callback(ctx.tracker)],
+    )
+    if cfg.quantization.mode != "none":
+        sft_utils.cast_trainable(trainer.model, torch_dtype(cfg.quantization.compute_dtype))
+    # Wrapped after construction: SFTTrainer refuses a custom collator with padding-free
+    # batches, but only builds its dataloader (reading this attribute) inside train().
+    trainer.data_collator = sft_utils.TokenCountingCollator(trainer.data_collator)
+    return trainer
+
+
+def resume_checkpoint(cfg: Any, work_dir: Path) -> tuple[str | None, int]:
+    """The last complete checkpoint in ``work_dir`` and its step, when resuming is on.
+
+    A job killed while saving leaves a ``checkpoint-N`` folder without trainer_state.json
+    (the Trainer writes it last); such folders are removed so an older complete one is used.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = work_dir / CHECKPOINTS
+    if not cfg.sft.resume or not folder.is_dir():
+        return None, 0
+    while (last := get_last_checkpoint(str(folder))) is not None:
+        if (Path(last) / "trainer_state.json").exists():
+            return last, sft_utils.read_checkpoint_step(last)
+        log.warning("Removing incomplete checkpoint %s (the job died while saving it)", last)
+        shutil.rmtree(last, ignore_errors=True)
+    return None, 0
+
+
+def train(cfg: Any, trainer: Any, work_dir: Path) -> dict[str, Any]:
+    """Run (or resume) training; return loss, throughput and padding figures."""
+    # rank 0 decides (it may delete a half-written checkpoint); the other ranks follow
+    checkpoint, step = distributed.on_main(lambda: resume_checkpoint(cfg, work_dir), name="sft-resume")
+    if checkpoint:
+        log.info("Resuming SFT from %s (step %d)", checkpoint, step)
+    fingerprint = sft_utils.trainable_fingerprint(trainer.model)
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    if trainer.state.global_step > step and sft_utils.trainable_fingerprint(trainer.model) == fingerprint:
+        log.warning("SFT ran %d steps but no trainable parameter changed", trainer.state.global_step - step)
+    counter: sft_utils.TokenCountingCollator = trainer.data_collator
+    real, slots = distributed.all_reduce_sum(counter.real_tokens), distributed.all_reduce_sum(counter.total_tokens)
+    steps_now = trainer.state.global_step - step
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        # the Trainer's average over the steps this call ran; the logged mean if it ran none
+        "train/loss": float(output.training_loss) if steps_now > 0 else _mean(logged),
+        "train/loss_final": logged[-1] if logged else float(output.training_loss),
+        "train/steps": int(trainer.state.global_step),
+        "train/seconds": round(seconds, 3),
+        "train/tokens": real,  # every rank's batches
+        "train/tokens_per_second": real / seconds if seconds > 0 else 0.0,
+        "train/padding_fraction": 1.0 - real / slots if slots else 0.0,
+        "train/resumed_from_step": step,
+    }
+
+
+def merge(cfg: Any, ctx: Any, model: Any, base_path: Path, work_dir: Path):
+    """The trained model as a plain one: LoRA folded into full-precision base weights."""
+    if cfg.quantization.mode == "none":
+        return sft_utils.merge_in_memory(model)
+    adapter_dir = work_dir / ADAPTER
+    model.save_pretrained(str(adapter_dir))
+    log.info("Merging the adapter onto the unquantized base (%s)", cfg.quantization.compute_dtype)
+    return sft_utils.merge_onto_unquantized_base(adapter_dir, base_path, cfg.quantization.compute_dtype, ctx.device)
+
+
+def log_samples(cfg: Any, ctx: Any, model: Any, tokenizer: Any, held_ds: Any) -> None:
+    """Generate for a few held-out questions; log them as a table and ``sft_samples.md``."""
+    from stackllama.data import format_prompt
+
+    n = int(cfg.sft.num_sample_generations)
+    questions = list(dict.fromkeys(held_ds["question"]))[:n]  # distinct questions, held-out order
+    if not questions:
+        return
+    prompts = [format_prompt(cfg.data.prompt_template, q).rstrip() for q in questions]
+    responses = sft_utils.generate_responses(
+        model, tokenizer, prompts, int(cfg.sft.sample_max_new_tokens), ctx.device
+    )
+    rows = list(zip(questions, responses))
+    ctx.tracker.log_table("sft/samples", ["question", "response"], [list(r) for r in rows])
+    path = Path(ctx.run_dir) / SAMPLES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(sft_utils.samples_markdown("SFT samples (greedy, held-out questions)", rows))
+    log.info("Wrote %d sample generations to %s", len(rows), path)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+__all__ = ["build", "run"]

@@ -1,0 +1,292 @@
+"""Helpers of the SFT stage: held-out split, perplexity, batch accounting, merging, samples.
+
+Kept apart from ``stackllama.stages.sft`` so the stage reads as the recipe (load, measure,
+train, merge, sample) and these pieces can be tested and reused (the bench uses the
+collator counter; later stages can reuse ``perplexity`` and ``generate_responses``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def hold_out_questions(dataset: Any, eval_size: int, seed: int) -> tuple[Any, Any]:
+    """Split a finetune ``datasets.Dataset`` into (train, held-out) texts, by whole questions.
+
+    A question often has several winning answers (several texts); holding out texts one by
+    one would put the same question on both sides and flatter the held-out perplexity. So
+    questions are shuffled with ``seed`` and taken until ``eval_size`` texts are held out;
+    the remaining answers of the last question taken are dropped from both sides.
+    """
+    if eval_size <= 0:
+        return dataset, dataset.select([])
+    questions = sorted(set(dataset["question"]))  # sorted: independent of row order
+    random.Random(f"{seed}-sft-holdout").shuffle(questions)
+    rows_of: dict[str, list[int]] = {}
+    for i, q in enumerate(dataset["question"]):
+        rows_of.setdefault(q, []).append(i)
+    held: list[int] = []
+    taken: set[str] = set()
+    for q in questions:
+        if len(held) >= eval_size:
+            break
+        taken.add(q)
+        held.extend(rows_of[q][: eval_size - len(held)])
+    train = [i for i, q in enumerate(dataset["question"]) if q not in taken]
+    if not train:
+        raise ValueError(
+            f"sft.eval_size={eval_size} holds out every finetune question ({len(questions)}); lower it"
+        )
+    return dataset.select(train), dataset.select(held)
+
+
+def cap_texts(dataset: Any, max_texts: int | None, seed: int) -> Any:
+    """``max_texts`` rows drawn with ``seed`` (rows come grouped by question), or all when None."""
+    if max_texts is None or max_texts >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(int(max_texts)))
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+def _encode_for_eval(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text as training sees them (text + EOS), truncated to ``max_length``."""
+    eos = tokenizer.eos_token or ""
+    ids = tokenizer([t if t.endswith(eos) else t + eos for t in texts], add_special_tokens=True)["input_ids"]
+    return [x[:max_length] for x in ids]
+
+
+@torch.no_grad()
+def token_nll(
+    model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int, device: Any
+) -> tuple[float, int]:
+    """Summed next-token NLL and the number of predicted tokens over ``texts``.
+
+    Each text is scored on its own (no packing across texts), truncated to ``max_length``;
+    batches are right-padded so the real tokens keep positions 0..n-1 exactly as in an
+    unpadded forward, and pad positions are masked out of both the attention and the sum.
+    """
+    was_training = model.training
+    model.eval()
+    encoded = _encode_for_eval(tokenizer, texts, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for start in range(0, len(encoded), max(1, batch_size)):
+            chunk = encoded[start : start + batch_size]
+            width = max(len(x) for x in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, x in enumerate(chunk):
+                ids[row, : len(x)] = torch.tensor(x)
+                mask[row, : len(x)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            target = ids[:, 1:].to(logp.device)
+            keep = mask[:, 1:].to(logp.device).bool()
+            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            total_nll += float(nll[keep].sum())
+            total_tokens += int(keep.sum())
+    finally:
+        model.train(was_training)
+    return total_nll, total_tokens
+
+
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int, device: Any) -> float:
+    """Token-weighted perplexity, exp(sum NLL / predicted tokens), over ``texts``."""
+    if not texts:
+        return float("nan")
+    nll, n = token_nll(model, tokenizer, texts, max_length, batch_size, device)
+    return math.exp(nll / max(n, 1))
+
+
+# --------------------------------------------------------------------------- batch accounting
+
+
+class TokenCountingCollator:
+    """Wraps a data collator and counts the real and total token slots of every batch it builds.
+
+    The padding fraction is measured on what the model is actually fed. Padded batches carry
+    an ``attention_mask`` (0 = pad). TRL's padding-free batches (packing with BFD) carry
+    none: they are one row of concatenated real tokens (``position_ids`` restart at each
+    text), so every slot is real. ``pad_to_multiple_of`` would add pad slots there, but TRL
+    leaves it unset off Neuron.
+    """
+
+    def __init__(self, collator: Callable[[list], dict]):
+        self.collator = collator
+        self.real_tokens = 0
+        self.total_tokens = 0
+        self.batches = 0
+
+    def __call__(self, examples: list) -> dict:
+        batch = self.collator(examples)
+        total = int(batch["input_ids"].numel())
+        mask = batch.get("attention_mask")
+        self.real_tokens += int(mask.sum()) if mask is not None else total
+        self.total_tokens += total
+        self.batches += 1
+        return batch
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.real_tokens / self.total_tokens if self.total_tokens else 0.0
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    """Trainable and total parameters; peft counts 4-bit packed weights at their real size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params/trainable": int(trainable), "params/total": int(total)}
+
+
+def cast_trainable(model: Any, dtype: torch.dtype) -> None:
+    """Cast the trainable (adapter) parameters to ``dtype``.
+
+    TRL's SFTTrainer casts LoRA weights of k-bit models to bfloat16 (the QLoRA paper's GPU
+    recipe). On CPU with float32 compute that makes the adapter matmuls slow and, worse,
+    rounds away AdamW updates smaller than bfloat16's ~0.4% resolution, so we put the
+    adapters back in ``quantization.compute_dtype`` before the optimizer is built.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def keep_4bit_layers_trainable(model: Any) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel; returns layers touched.
+
+    On CPUs with AVX512-BF16, bitsandbytes >= 0.49 converts a ``Linear4bit``'s weights, in
+    place and for good, the first time the layer runs in eval mode without grad, and then
+    always multiplies with ``gemv_4bit``, which has no backward. A training run after any
+    such forward (ours measures the held-out perplexity first) gets no gradient upstream of
+    the last 4-bit layer: the loss stays flat and the adapters stay zero, without an error.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def trainable_fingerprint(model: Any) -> float:
+    """Sum of the trainable parameters' norms: moves whenever an optimizer step lands."""
+    with torch.no_grad():
+        return float(sum(p.float().norm() for p in model.parameters() if p.requires_grad))
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def merge_in_memory(model: Any) -> Any:
+    """Fold LoRA into the (unquantized) base weights; a plain model is returned as is."""
+    return model.merge_and_unload() if is_peft(model) else model
+
+
+def merge_onto_unquantized_base(
+    adapter_dir: Path, base_path: Path, compute_dtype: str, device: Any
+) -> Any:
+    """Merge a saved adapter into the base model reloaded unquantized in ``compute_dtype``.
+
+    Merging into bitsandbytes weights would requantize (and lose) the LoRA delta, so like the
+    StackLlama article's merge script the adapter is applied to full-precision base weights.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from stackllama.models.loader import torch_dtype
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype(compute_dtype))
+    base.to(device)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.eval()
+    return merged
+
+
+def save_plain_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """A plain HF folder (safetensors, no quantization config) plus the tokenizer."""
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:  # never ship a stale bnb config
+        del config.quantization_config
+    config.use_cache = True  # the Trainer turns the KV cache off for training; generation wants it
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@torch.no_grad()
+def generate_responses(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, device: Any, batch_size: int = 8
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded), decoded without special tokens.
+
+    Greedy keeps the samples reproducible run to run, so two runs' tables can be compared.
+    """
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last column
+    out: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=int(max_new_tokens),
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def samples_markdown(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    """A readable Markdown page of (question, response) pairs."""
+    parts = [f"# {title}\n"]
+    for i, (question, response) in enumerate(rows, 1):
+        parts.append(f"## Sample {i}\n\n**Question**\n\n{question}\n\n**Response**\n\n{response or '_(empty)_'}\n")
+    return "\n".join(parts)
+
+
+def read_checkpoint_step(checkpoint: str | Path) -> int:
+    """``global_step`` recorded in a Trainer checkpoint's trainer_state.json."""
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
