@@ -8,11 +8,13 @@ it needs, or builds them first, and a sweep over PPO settings builds them once.
 Safety: a build runs under a file lock (a second job needing the same artifact waits, then
 reuses it); it writes into ``<key>.work/`` (checkpoints live there, so a re-run resumes) and
 the finished folder is renamed into place with its ``manifest.json`` last-step-first, so a
-crashed build never leaves a folder a later run trusts.
+crashed build never leaves a folder a later run trusts. Under DDP the ranks of one job build
+together and only rank 0 touches the lock and the rename (see ``ensure``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +27,7 @@ from typing import Any, Callable
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
+from stackllama import distributed
 from stackllama.metrics import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -105,17 +108,34 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 BuildFn = Callable[[Any, Any, Path, Path], dict]
 
 
-def ensure(stage: str, cfg: Any, ctx: Any, build: BuildFn) -> tuple[Path, dict[str, Any], bool]:
-    """Return ``(folder, manifest, reused)`` for ``stage``, building it under a lock if needed.
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Run a build from ``seed`` and give the caller its RNG state back afterwards.
 
-    ``build(cfg, ctx, work_dir, out_dir)`` trains and writes the finished model into
-    ``out_dir`` (a temporary folder) and returns its metrics; ``work_dir`` persists across
-    attempts for checkpoints.
+    A build nested in another (PPO needing SFT first) then starts from the same state as
+    when run on its own, and the outer build continues as if the inner artifact had been
+    reused: a sweep job that happened to build SFT/RM gets the same PPO result as the jobs
+    that reused them.
     """
-    final = stage_dir(stage, cfg)
-    if is_trusted(final):
-        log.info("Reusing %s artifact %s (built earlier with the same config)", stage, final)
-        return final, read_manifest(final), True
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import set_seed
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []  # this rank's GPU only
+    with torch.random.fork_rng(devices=devices):
+        set_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _lock_for(final: Path, stage: str) -> FileLock:
+    """The build lock of ``final``, held on return (waits for another job building it)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(final) + ".lock")
     try:
@@ -123,32 +143,76 @@ def ensure(stage: str, cfg: Any, ctx: Any, build: BuildFn) -> tuple[Path, dict[s
     except Timeout:
         log.info("Waiting for another job that is building %s artifact %s ...", stage, final.name)
         lock.acquire()
-    try:
+    return lock
+
+
+def ensure(stage: str, cfg: Any, ctx: Any, build: BuildFn) -> tuple[Path, dict[str, Any], bool]:
+    """Return ``(folder, manifest, reused)`` for ``stage``, building it under a lock if needed.
+
+    ``build(cfg, ctx, work_dir, out_dir)`` trains and writes the finished model into
+    ``out_dir`` (a temporary folder) and returns its metrics; ``work_dir`` persists across
+    attempts for checkpoints.
+
+    Under DDP (several processes in one job, see ``stackllama.distributed``) every rank
+    calls ``ensure`` and they build together: rank 0 alone takes the file lock (waiting for
+    another job if needed) and decides build-or-reuse, the others follow its decision; all
+    ranks run ``build`` (rank 0 into the real ``out_dir``, the others into a scratch folder
+    they delete); rank 0 writes the manifest and renames, then the others return. The
+    other ranks never touch the lock, so two jobs cannot deadlock on it.
+    """
+    final = stage_dir(stage, cfg)
+    held: list[FileLock] = []
+
+    def decide() -> str:  # rank 0 (or the only process)
         if is_trusted(final):
+            log.info("Reusing %s artifact %s (built earlier with the same config)", stage, final)
+            return "reuse"
+        lock = _lock_for(final, stage)
+        if is_trusted(final):
+            lock.release()
             log.info("Reusing %s artifact %s (another job just built it)", stage, final)
+            return "reuse"
+        held.append(lock)
+        return "build"
+
+    try:
+        if distributed.on_main(decide, name=f"ensure-{stage}-{final.name}") == "reuse":
             return final, read_manifest(final), True
+        dist = distributed.current()
         work = final.with_name(final.name + ".work")
         tmp = work / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        out = tmp if dist.is_main else work / f"final.tmp.rank{dist.rank}"  # scratch on other ranks
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
         started = time.time()
-        log.info("Building %s artifact %s", stage, final)
-        metrics = build(cfg, ctx, work, tmp)
-        manifest = {
-            "stage": stage,
-            "key": final.name,
-            "config": key_material(stage, cfg),
-            "metrics": metrics,
-            "build_seconds": round(time.time() - started, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "run_dir": str(ctx.run_dir),
-        }
-        write_json_atomic(tmp / MANIFEST, manifest)  # the last file written: its presence = complete
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        log.info("Building %s artifact %s%s", stage, final,
+                 f" (rank {dist.rank} of {dist.world_size})" if dist.is_distributed else "")
+        with seeded_rng(int(cfg.seed)):
+            metrics = build(cfg, ctx, work, out)
+
+        def publish() -> dict[str, Any]:  # rank 0 (or the only process)
+            manifest = {
+                "stage": stage,
+                "key": final.name,
+                "config": key_material(stage, cfg),
+                "metrics": metrics,
+                "build_seconds": round(time.time() - started, 2),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "run_dir": str(ctx.run_dir),
+                "world_size": dist.world_size,
+            }
+            write_json_atomic(tmp / MANIFEST, manifest)  # the last file written: its presence = complete
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            return manifest
+
+        manifest = distributed.on_main(publish, name=f"publish-{stage}-{final.name}")
+        if not dist.is_main:
+            shutil.rmtree(out, ignore_errors=True)
         return final, manifest, False
     finally:
-        lock.release()
+        for lock in held:
+            lock.release()
 
 
 def require(stage: str, cfg: Any, ctx: Any, explicit: str | None = None) -> Path:
@@ -162,6 +226,8 @@ def require(stage: str, cfg: Any, ctx: Any, explicit: str | None = None) -> Path
     from stackllama.stages import get_builder
 
     folder, _, reused = ensure(stage, cfg, ctx, get_builder(stage))
+    # a job that built an artifact and then needs it again (RM, then PPO, both need SFT) built it
+    reused = reused and ctx.metrics.values.get(f"upstream/{stage}/reused", True) is not False
     ctx.metrics.update({f"upstream/{stage}/path": str(folder), f"upstream/{stage}/reused": reused})
     return folder
 

@@ -3,7 +3,18 @@
     python -m stackllama.report multirun_sweeps/2026-11-24/21-50-00
 
 Writes ``summary.md``, ``summary.csv`` and ``frontier.png`` into the sweep folder and prints
-the Markdown table. Failed jobs stay in the table, marked with their error.
+the Markdown table. One row per job folder (any folder holding ``.hydra/overrides.yaml``),
+whatever launcher or sweeper ran it. The table shows the overrides that vary across the
+jobs (the swept values; the ones every job shares are listed once above it), the job's
+status and objective, and the headline figures; the CSV holds every metric of every job.
+Failed jobs stay in the table, marked ``failed`` and listed with their error below it; a
+job that left no ``metrics.json`` (killed before it started) is marked ``missing``. An
+Optuna sweep's ``optimization_results.yaml`` (best parameters and value) is quoted.
+
+The plot puts each finished PPO job at (KL to the reference at the end, reward model score
+at the end), coloured by the first swept value, with the gold scorer's score (synthetic
+data) as a second panel when present, and draws the frontier: the jobs no other job beats
+on both (higher score at lower KL).
 """
 
 from __future__ import annotations
@@ -19,16 +30,18 @@ from typing import Any
 import yaml
 
 HEADLINE = [
-    "run/status",
+    "run/status", "run/objective",
     "ppo/reward_mean_start", "ppo/reward_mean_end", "objective/kl_end", "gold/score_start", "gold/score_end",
     "eval/win_rate_vs_sft", "eval/gold_win_rate_vs_sft", "eval/accuracy", "eval/perplexity",
-    "ppo/skipped_batches", "time/total_s",
+    "ppo/skipped_batches", "upstream/sft/reused", "upstream/rm/reused", "time/total_s",
 ]
+KL, REWARD, GOLD = "objective/kl_end", "ppo/reward_mean_end", "gold/score_end"
+OVR = "override:"
 
 
 def find_jobs(sweep_dir: Path) -> list[Path]:
     """Job folders of a Hydra multirun: those holding a .hydra/overrides.yaml."""
-    return sorted((p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")), key=_job_order)
+    return sorted((p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/overrides.yaml")), key=_job_order)
 
 
 def _job_order(path: Path) -> tuple[int, str]:
@@ -36,18 +49,34 @@ def _job_order(path: Path) -> tuple[int, str]:
     return (int(head) if head.isdigit() else 1 << 30, path.name)
 
 
+def _number(value: Any) -> float | None:
+    """A metric as a float (metrics.json keeps NaN/inf as strings); None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.lower() in ("nan", "inf", "-inf"):
+        return float(value)
+    return None
+
+
 def load_job(job_dir: Path) -> dict[str, Any]:
     overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
-    row: dict[str, Any] = {"job": job_dir.name}
+    head = job_dir.name.split("_", 1)[0]
+    # "job" is Hydra's job number when the folder is <num>_<overrides>; "dir" the folder's name
+    row: dict[str, Any] = {"job": head if head.isdigit() else job_dir.name, "dir": job_dir.name}
     for item in overrides:
         if "=" in item and not item.startswith("hydra."):
             key, value = item.split("=", 1)
-            row[f"override:{key.lstrip('+~')}"] = value
+            row[f"{OVR}{key.lstrip('+~')}"] = value
     metrics_file = job_dir / "metrics.json"
     if metrics_file.exists():
         row.update(json.loads(metrics_file.read_text()))
+        if row.get("run/status") == "running":
+            row["run/status"] = "running (or killed)"
     else:
-        row["run/status"] = "missing metrics.json (crashed before start?)"
+        row["run/status"] = "missing"
+        row["run/error"] = "no metrics.json (killed before it started?)"
     return row
 
 
@@ -58,55 +87,184 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
     return [load_job(j) for j in jobs]
 
 
+def swept_keys(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, str]]:
+    """(override columns whose value differs across jobs, {key: value} shared by all jobs)."""
+    keys = sorted({k for r in rows for k in r if k.startswith(OVR)})
+    varying = [k for k in keys if len({r.get(k) for r in rows}) > 1]
+    fixed = {k[len(OVR):]: rows[0][k] for k in keys if k not in varying}
+    return varying, fixed
+
+
 def columns_for(rows: list[dict[str, Any]]) -> list[str]:
-    overrides = sorted({k for r in rows for k in r if k.startswith("override:")})
+    varying, _ = swept_keys(rows)
+    if len(rows) == 1:
+        varying = sorted(k for k in rows[0] if k.startswith(OVR))
     metrics = [k for k in HEADLINE if any(k in r for r in rows)]
-    return ["job", *overrides, *metrics]
+    return ["job", *varying, *metrics]
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, str) and _is_long_float(value):
+        value = float(value)  # e.g. an Optuna trial's 0.27891861692438913 (the CSV keeps every digit)
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _is_long_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return len(text) > 8 and any(c in text for c in ".eE")
+
+
+def best_row(rows: list[dict[str, Any]], direction: str = "maximize") -> dict[str, Any] | None:
+    done = [r for r in rows if r.get("run/status") == "completed" and _finite(r.get("run/objective"))]
+    if not done:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(done, key=lambda r: _number(r["run/objective"]))
+
+
+def _finite(value: Any) -> bool:
+    number = _number(value)
+    return number is not None and math.isfinite(number)
+
+
+def optimization_results(sweep_dir: Path) -> dict[str, Any] | None:
+    path = Path(sweep_dir) / "optimization_results.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def _direction(sweep_dir: Path) -> str:
+    """The sweeper's direction (Optuna's ``hydra.sweeper.direction``), else maximize."""
+    candidates = [Path(sweep_dir) / "multirun.yaml", *(j / ".hydra" / "hydra.yaml" for j in find_jobs(sweep_dir)[:1])]
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra", {})
+        except yaml.YAMLError:
+            continue
+        direction = (hydra.get("sweeper") or {}).get("direction")
+        if isinstance(direction, list) and direction:
+            direction = direction[0]
+        if direction in ("maximize", "minimize"):
+            return direction
+    return "maximize"
+
+
 def to_markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    head = "| " + " | ".join(c.replace("override:", "") for c in columns) + " |"
+    head = "| " + " | ".join(c.replace(OVR, "") for c in columns) + " |"
     sep = "|" + "---|" * len(columns)
     body = ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     failed = [r for r in rows if r.get("run/status") != "completed"]
     notes = [f"- job {r['job']}: {r.get('run/status')} {r.get('run/error', '')}".rstrip() for r in failed]
-    return "\n".join([head, sep, *body, "", *(["Failed jobs:", *notes] if notes else [])]) + "\n"
+    return "\n".join([head, sep, *body, "", *(["Failed jobs:", *notes, ""] if notes else [])])
+
+
+def markdown_report(sweep_dir: Path, rows: list[dict[str, Any]], columns: list[str]) -> str:
+    _, fixed = swept_keys(rows)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r.get("run/status"))] = counts.get(str(r.get("run/status")), 0) + 1
+    lines = [f"# Sweep summary: {sweep_dir}", "",
+             f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), ""]
+    if fixed and len(rows) > 1:
+        lines += ["Shared overrides: " + " ".join(f"`{k}={v}`" for k, v in fixed.items()), ""]
+    lines.append(to_markdown(rows, columns))
+    best = best_row(rows, _direction(sweep_dir))
+    if best is not None:
+        lines += [f"Best objective ({_direction(sweep_dir)}): {_fmt(_number(best['run/objective']))} "
+                  f"in job {best['job']}", ""]
+    optuna = optimization_results(sweep_dir)
+    if optuna:
+        lines += ["Optuna (optimization_results.yaml):", "", "```yaml",
+                  yaml.safe_dump(optuna, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other beats on both axes (lower-or-equal KL and higher-or-equal score, one strictly),
+    sorted by KL: the reward-vs-KL frontier."""
+    front = []
+    for kl, score in points:
+        dominated = any(k <= kl and s >= score and (k < kl or s > score) for k, s in points)
+        if not dominated:
+            front.append((kl, score))
+    return sorted(set(front))
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Reward (and gold score) at the end of PPO against KL at the end, one point per job."""
-    done = [r for r in rows if isinstance(r.get("objective/kl_end"), (int, float))
-            and isinstance(r.get("ppo/reward_mean_end"), (int, float))]
+    """Score at the end of PPO against KL at the end, one point per finished job."""
+    done = [r for r in rows if _finite(r.get(KL)) and _finite(r.get(REWARD))]
     if not done:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    xs = [r["objective/kl_end"] for r in done]
-    ax.scatter(xs, [r["ppo/reward_mean_end"] for r in done], label="reward model score", color="tab:blue")
-    if all(isinstance(r.get("gold/score_end"), (int, float)) for r in done):
-        ax.scatter(xs, [r["gold/score_end"] for r in done], label="gold score", color="tab:orange", marker="s")
-    for r, x in zip(done, xs):
-        label = ",".join(f"{k.split(':', 1)[1].split('.')[-1]}={v}" for k, v in r.items() if k.startswith("override:"))
-        ax.annotate(label, (x, r["ppo/reward_mean_end"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("KL to reference at the end of PPO (objective/kl_end)")
-    ax.set_ylabel("score at the end of PPO")
-    ax.set_title("Reward vs KL across the sweep")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    varying, _ = swept_keys(rows)
+    color_key = varying[0] if varying else None
+    values = sorted({r.get(color_key) for r in done}, key=_sort_value) if color_key else [None]
+    continuous = color_key is not None and len(values) > 6 and all(_sort_value(v)[0] == 0 for v in values)
+    if continuous:  # e.g. an Optuna search: a colour scale instead of one legend entry per value
+        norm = matplotlib.colors.Normalize(min(float(v) for v in values), max(float(v) for v in values))
+        colors = {v: plt.get_cmap("viridis")(norm(float(v))) for v in values}
+    else:
+        cmap = plt.get_cmap("viridis", max(len(values), 2))
+        colors = {v: cmap(i) for i, v in enumerate(values)}
+    short = {k: k[len(OVR):].split(".")[-1] for k in varying}
+    panels = [(REWARD, "reward model score at the end")]
+    if all(_finite(r.get(GOLD)) for r in done):
+        panels.append((GOLD, "gold score at the end (synthetic data)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        points = [(_number(r[KL]), _number(r[key])) for r in done]
+        for r, (x, y) in zip(done, points):
+            value = r.get(color_key) if color_key else None
+            ax.scatter([x], [y], color=colors[value], s=42, edgecolor="black", linewidth=0.5, zorder=3)
+            label = ",".join(f"{short[k]}={_fmt(r.get(k))}" for k in varying[1:])
+            if label:
+                ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        front = pareto_front(points)
+        if len(front) > 1:  # best score reachable at each KL budget: a staircase through the front
+            ax.plot(*zip(*front), color="tab:red", linestyle="--", linewidth=1, zorder=2, drawstyle="steps-post",
+                    label="frontier (best score at a KL budget)")
+        elif front:
+            ax.scatter(*zip(*front), facecolor="none", edgecolor="tab:red", s=130, zorder=2,
+                       label="frontier (dominates the rest)")
+        if color_key and not continuous:
+            for v in values:
+                ax.scatter([], [], color=colors[v], edgecolor="black", linewidth=0.5,
+                           label=f"{color_key[len(OVR):]}={_fmt(v)}")
+        if continuous:
+            mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis")
+            fig.colorbar(mappable, ax=ax, label=color_key[len(OVR):])
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        for axis in (ax.xaxis, ax.yaxis):  # short tick labels, no offset text over the axis label
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.set_xlabel("KL to the reference at the end of PPO (objective/kl_end)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    missing = len(rows) - len(done)
+    fig.suptitle("Reward vs KL across the sweep" + (f" ({missing} job(s) without PPO figures not shown)"
+                                                    if missing else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _sort_value(value: Any) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
 
 
 def write_summary(sweep_dir: Path) -> dict[str, Path]:
@@ -114,9 +272,10 @@ def write_summary(sweep_dir: Path) -> dict[str, Path]:
     rows = summarize(sweep_dir)
     columns = columns_for(rows)
     out = {"markdown": sweep_dir / "summary.md", "csv": sweep_dir / "summary.csv"}
-    out["markdown"].write_text(f"# Sweep summary: {sweep_dir}\n\n{len(rows)} jobs\n\n" + to_markdown(rows, columns))
+    out["markdown"].write_text(markdown_report(sweep_dir, rows, columns))
+    everything = columns + sorted({k for r in rows for k in r} - set(columns))
     with open(out["csv"], "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=everything, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     png = plot_frontier(rows, sweep_dir / "frontier.png")

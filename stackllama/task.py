@@ -1,8 +1,14 @@
 """Task wrapper around every stage run.
 
-Validates the config, seeds, opens the tracker and ``metrics.json``, runs the stage, and
-always closes the tracker (marking the run failed on an exception), so that one failing
-job in a sweep leaves a closed, failed run and the sweep goes on.
+Opens the tracker and ``metrics.json``, validates the config, joins the job's process
+group when it has several processes (``stackllama.distributed``), seeds, runs the stage,
+and always closes the tracker with an exit code (1 on an exception, so the W&B run shows
+as failed). In a multirun a failing job records its error in ``metrics.json``, returns
+NaN (None under Optuna, which then marks the trial FAIL) and the sweep goes on; a single
+run re-raises (so does a multirun job with ``+extra.continue_on_failure=false``).
+
+With several processes (DDP) only rank 0 writes ``metrics.json``, the resolved config and
+the tracker; rank ``r`` keeps its figures in ``rank<r>/metrics.json`` of the same run dir.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from stackllama import distributed
 from stackllama.config import validate_choices
 from stackllama.metrics import Metrics
 from stackllama.tracking import Tracker, make_tracker
@@ -37,21 +44,63 @@ class RunContext:
     multirun: bool = False
 
 
+@dataclass
+class JobInfo:
+    """Where this job sits: its run dir, and in a multirun its sweep (the W&B group)."""
+
+    run_dir: Path
+    multirun: bool
+    group: str | None
+    name: str
+    tags: list[str]
+    overrides: list[str]
+    num: int | None = None
+    # What a failed multirun job returns. NaN, except under the Optuna sweeper: with optuna 2.x
+    # it tells a NaN as COMPLETE (refused), then retries as FAIL with the NaN still attached and
+    # crashes the whole sweep; a None becomes a clean FAIL trial and the study goes on.
+    failed_value: float | None = float("nan")
+
+
 def seed_everything(seed: int) -> None:
     from transformers import set_seed
 
     set_seed(int(seed))
 
 
-def _hydra_info() -> tuple[Path, bool, str | None, str]:
+def _hydra_info(cfg: Any = None) -> JobInfo:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    group = Path(hc.sweep.dir).name if multirun else None
+    choices = dict(hc.runtime.choices)
+    sweep_choice = choices.get("sweep")
+    sweep_choice = None if sweep_choice in (None, "null", "None") else sweep_choice
+    group = None
+    tags: list[str] = []
     if multirun:
-        group = f"{Path(hc.sweep.dir).parent.name}_{Path(hc.sweep.dir).name}"
-    name = f"{hc.job.name}-{run_dir.name}"
-    return run_dir, multirun, group, name
+        sweep_dir = Path(hc.sweep.dir)
+        # multirun_sweeps/<date>/<time>: one group per sweep (named after the ready sweep if any)
+        group = f"{sweep_dir.parent.name}_{sweep_dir.name}"
+        if sweep_choice:
+            group = f"{sweep_choice}-{group}"
+        tags.append("multirun")
+        launcher = choices.get("hydra/launcher")
+        sweeper = choices.get("hydra/sweeper")
+        tags += [f"launcher:{launcher}"] if launcher else []
+        tags += [f"sweeper:{sweeper}"] if sweeper else []
+    if sweep_choice:
+        tags.append(f"sweep:{sweep_choice}")
+    if cfg is not None:
+        tags.append(f"model:{cfg.model.name}")
+    stage = cfg.stage.name if cfg is not None else hc.job.name
+    name = run_dir.name if multirun else f"{stage}-{run_dir.name}"
+    num = hc.job.get("num") if multirun else None
+    optuna = "optuna" in str(OmegaConf.select(hc, "sweeper._target_", default="")).lower()
+    return JobInfo(run_dir, multirun, group, name[:128], tags, list(hc.overrides.task), num,
+                   None if optuna else float("nan"))
+
+
+def _numeric_or_text(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
 
 
 def run_task(cfg: DictConfig) -> float | None:
@@ -59,34 +108,53 @@ def run_task(cfg: DictConfig) -> float | None:
     from stackllama.models.loader import resolve_device
     from stackllama.stages import get_runner
 
-    validate_choices(cfg)
-    runner = get_runner(cfg.stage.name)  # fails early for unknown / unbuilt stages
-    run_dir, multirun, group, name = _hydra_info()
-    metrics = Metrics(run_dir / "metrics.json")
-    metrics.update({"run/stage": cfg.stage.name, "run/status": "running", "run/seed": cfg.seed})
-    seed_everything(cfg.seed)
+    job = _hydra_info(cfg)
+    topology = distributed.detect()  # environment only; the group is joined below
+    main = topology.is_main
+    metrics_path = job.run_dir / ("metrics.json" if main else f"rank{topology.rank}/metrics.json")
+    metrics = Metrics(metrics_path)
+    metrics.update({"run/stage": cfg.stage.name, "run/status": "running", "run/seed": cfg.seed,
+                    "run/world_size": topology.world_size})
     tracker: Tracker = Tracker()
     started = time.time()
     exit_code = 1
     try:
-        tracker = make_tracker(cfg, run_dir, cfg.run_name or name, group)
-        ctx = RunContext(run_dir, metrics, tracker, resolve_device(cfg.device), multirun)
+        if main:  # opened first, so a job failing on its config still leaves a failed run
+            extra = {"hydra": {"overrides": job.overrides, "job_num": job.num, "run_dir": str(job.run_dir)}}
+            tracker = make_tracker(cfg, job.run_dir, cfg.run_name or job.name, job.group,
+                                   tags=[cfg.stage.name, *job.tags], extra_config=extra)
+        validate_choices(cfg)
+        runner = get_runner(cfg.stage.name)  # fails early for unknown / unbuilt stages
+        topology = distributed.setup(cfg.device, stage=cfg.stage.name)
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and topology.is_distributed:
+            device = torch.device("cuda", topology.local_rank)
+        seed_everything(cfg.seed)
+        ctx = RunContext(job.run_dir, metrics, tracker, device, job.multirun)
         objective = runner(cfg, ctx)
         if cfg.objective:
             if cfg.objective not in metrics.values:
                 raise KeyError(f"objective={cfg.objective!r} is not a key of this run's metrics.json")
             objective = metrics.values[cfg.objective]
+        if isinstance(objective, str):  # metrics.json keeps NaN/inf as strings
+            objective = float(objective)
         exit_code = 0
         metrics.update({"run/status": "completed", "run/objective": objective})
         return objective
     except Exception as exc:
         metrics.update({"run/status": "failed", "run/error": f"{type(exc).__name__}: {exc}"})
         log.error("Stage %s failed:\n%s", cfg.stage.name, traceback.format_exc())
-        if multirun and cfg.extra.get("continue_on_failure", True):
-            return float("nan")  # the sweep goes on; metrics.json says what failed
+        if job.multirun and cfg.extra.get("continue_on_failure", True):
+            return job.failed_value  # the sweep goes on; metrics.json says what failed
         raise
     finally:
         metrics.update({"time/total_s": round(time.time() - started, 3)})
-        tracker.summary({k: v for k, v in metrics.values.items() if isinstance(v, (int, float))})
-        tracker.finish(exit_code=exit_code)
-        OmegaConf.save(cfg, run_dir / "resolved_config.yaml", resolve=True)
+        try:
+            tracker.summary(_numeric_or_text(metrics.values))
+        finally:
+            tracker.finish(exit_code=exit_code)
+        if main:
+            OmegaConf.save(cfg, job.run_dir / "resolved_config.yaml", resolve=True)
+
+
+__all__ = ["RunContext", "run_task", "seed_everything"]

@@ -56,7 +56,8 @@ class Tracker:
 class WandbTracker(Tracker):
     backend = "wandb"
 
-    def __init__(self, cfg: Any, run_dir: Path, config_dict: dict, name: str, group: str | None, job_type: str):
+    def __init__(self, cfg: Any, run_dir: Path, config_dict: dict, name: str, group: str | None, job_type: str,
+                 tags: Sequence[str] = ()):
         import wandb
 
         self._wandb = wandb
@@ -67,7 +68,7 @@ class WandbTracker(Tracker):
             group=group,
             job_type=job_type,
             name=name,
-            tags=list(cfg.tags),
+            tags=[t[:64] for t in dict.fromkeys([*cfg.tags, *tags])],  # unique, in order; W&B caps tags at 64 chars
             config=config_dict,
             dir=str(run_dir),
             mode=mode,
@@ -87,10 +88,10 @@ class WandbTracker(Tracker):
         self.run.log({name: self._wandb.Image(str(path))})
 
     def summary(self, values):
-        for key, value in values.items():
-            self.run.summary[key] = value
+        self.run.summary.update(dict(values))  # one record, not one per key
 
     def finish(self, exit_code=0):
+        # exit_code 1 marks the run failed in W&B (offline: in the .wandb file, shown once synced)
         self.run.finish(exit_code=exit_code)
 
 
@@ -126,7 +127,14 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
-def make_tracker(cfg: Any, run_dir: Path, name: str, group: str | None) -> Tracker:
+def make_tracker(cfg: Any, run_dir: Path, name: str, group: str | None, tags: Sequence[str] = (),
+                 extra_config: Mapping[str, Any] | None = None) -> Tracker:
+    """The configured backend's tracker for one run.
+
+    W&B: one run per job, in ``group`` (the sweep; ``logger.group`` wins when set), job type
+    = the stage, the resolved config (plus ``extra_config``, e.g. the job's Hydra overrides)
+    as its config, ``logger.tags`` + ``tags`` as tags, files under ``run_dir/wandb``.
+    """
     from omegaconf import OmegaConf
 
     backend = cfg.logger.backend
@@ -136,7 +144,9 @@ def make_tracker(cfg: Any, run_dir: Path, name: str, group: str | None) -> Track
         return TensorBoardTracker(run_dir, OmegaConf.to_yaml(cfg))
     if backend == "wandb":
         config_dict = OmegaConf.to_container(cfg, resolve=True)
-        return WandbTracker(cfg.logger, run_dir, config_dict, name, group or cfg.logger.group, cfg.stage.name)
+        config_dict.update(dict(extra_config or {}))
+        return WandbTracker(cfg.logger, run_dir, config_dict, name, cfg.logger.group or group, cfg.stage.name,
+                            tags=tags)
     raise ValueError(f"logger.backend={backend!r}; choose one of wandb, tensorboard, none")
 
 
