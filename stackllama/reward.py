@@ -26,6 +26,7 @@ StackLlama script:
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -89,6 +90,14 @@ def pad_batch(
 def _model_config(model: Any) -> Any:
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _saved_dtype(folder: Path) -> str | None:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def _model_device(model: Any) -> torch.device:
@@ -159,15 +168,21 @@ class RewardScorer:
         max_length: int = 512,
         template: str = DEFAULT_TEMPLATE,
         quant_cfg: Any = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
         padding_side: str | None = None,
     ) -> "RewardScorer":
-        """Load a merged reward-model folder (weights + score head + tokenizer), frozen, in eval mode."""
-        from stackllama.models.loader import load_model, load_tokenizer
+        """Load a merged reward-model folder (weights + score head + tokenizer), frozen, in eval mode.
+
+        ``quant_cfg`` (a ``quantization`` config node) loads the weights 8-bit/NF4; ``dtype``
+        defaults to the dtype the folder was saved in.
+        """
+        from stackllama.config import QuantizationConfig
+        from stackllama.models.loader import DTYPES, load_model, load_tokenizer
 
         tokenizer = load_tokenizer(path, padding_side=padding_side or "right")
-        from stackllama.config import QuantizationConfig
-
+        if dtype is None:
+            saved = _saved_dtype(Path(path))
+            dtype = saved if saved in DTYPES else "float32"
         quant = quant_cfg if quant_cfg is not None else QuantizationConfig(mode="none")
         model = load_model(path, "seq_cls", quant, None, dtype=dtype, device=device, tokenizer=tokenizer,
                            trainable=False)
