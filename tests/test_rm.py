@@ -286,6 +286,7 @@ def test_rm_stage_metrics_and_artifact(tmp_path):
     m = ctx.metrics.values
     for key in ("eval/accuracy", "eval/margin", "eval/gold_accuracy", "eval/accuracy_before", "data/train_pairs",
                 "data/eval_pairs", "data/dropped_too_long", "train/loss", "train/seconds", "data/reward_pairs",
+                "eval/longer_wins_accuracy",
                 "eval/merge_max_abs_diff"):
         assert key in m, key
     assert objective == m["eval/accuracy"]

@@ -12,8 +12,10 @@ filled with question and answer; TRL appends EOS and we tokenize exactly as it w
 * Held-out evaluation on the ``evaluation`` split goes through ``RewardScorer`` (the same
   code PPO uses, long texts left-truncated), before and after training:
   ``eval/accuracy`` (better answer scored strictly higher), ``eval/margin``,
-  ``eval/accuracy_before``, and on synthetic data ``eval/gold_accuracy`` (the hidden
-  gold scorer's accuracy on the same pairs: what noise-free votes would allow).
+  ``eval/accuracy_before``, ``eval/longer_wins_accuracy`` (the "longer answer wins"
+  baseline: on real Stack Exchange data length alone ranks ~65% of pairs), and on
+  synthetic data ``eval/gold_accuracy`` (the hidden gold scorer's accuracy on the same
+  pairs: what noise-free votes would allow).
 * The adapters are merged and a plain ``AutoModelForSequenceClassification`` folder is
   saved *with its trained score head* (the classic StackLlama merge lost or re-initialized
   it: TRL issues #297, #368); a quantized base is reloaded unquantized in
@@ -143,6 +145,12 @@ def reward_trainer_class():
             return LengthBucketSampler(self.pair_lengths, self.args.per_device_train_batch_size, self.args.seed)
 
     return BucketedRewardTrainer
+
+
+def longer_wins_accuracy(pairs: Any) -> float:
+    """Baseline: the accuracy of "the longer answer (in characters) is the better one"."""
+    wins = [len(c) > len(r) for c, r in zip(pairs["chosen"], pairs["rejected"])]
+    return sum(wins) / len(wins) if wins else float("nan")
 
 
 def reward_config(cfg: Any, ctx: Any, work_dir: Path, num_pairs: int):
@@ -289,6 +297,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     metrics["eval/accuracy"] = after["accuracy"]
     metrics["eval/margin"] = after["margin"]
     metrics["eval/seconds"] = round(time.time() - started, 2)
+    metrics["eval/longer_wins_accuracy"] = longer_wins_accuracy(evaluation)
     gold = gold_scorer(cfg.data)
     if gold is not None:
         metrics["eval/gold_accuracy"] = gold_accuracy(gold, evaluation)
