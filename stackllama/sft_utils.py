@@ -172,25 +172,6 @@ def cast_trainable(model: Any, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def keep_4bit_layers_trainable(model: Any) -> int:
-    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel; returns layers touched.
-
-    On CPUs with AVX512-BF16, bitsandbytes >= 0.49 converts a ``Linear4bit``'s weights, in
-    place and for good, the first time the layer runs in eval mode without grad, and then
-    always multiplies with ``gemv_4bit``, which has no backward. A training run after any
-    such forward (ours measures the held-out perplexity first) gets no gradient upstream of
-    the last 4-bit layer: the loss stays flat and the adapters stay zero, without an error.
-    """
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return 0
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-    return len(layers)
-
-
 def trainable_fingerprint(model: Any) -> float:
     """Sum of the trainable parameters' norms: moves whenever an optimizer step lands."""
     with torch.no_grad():

@@ -35,6 +35,16 @@ ANSWERS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core box threads wait
+    on each other; one thread is several times faster there (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _ctx(tmp_path: Path) -> RunContext:
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +113,35 @@ def test_left_truncation_keeps_the_end_of_the_answer():
     assert kept[-1] == tok.eos_token_id
     scores = scorer.score(QUESTIONS, ANSWERS)
     assert torch.isfinite(scores).all()
+
+
+def test_scoring_a_trainable_nf4_model_keeps_its_trainable_weight_layout():
+    """bitsandbytes repacks 4-bit weights for CPU inference on an eval/no-grad forward, after
+    which no gradient flows through them; scoring a model still being trained must not."""
+    import bitsandbytes as bnb
+
+    cfg, folder = _tiny(["quantization=nf4"])
+    tok = load_tokenizer(folder)
+    model = load_model(folder, "seq_cls", cfg.quantization, cfg.rm.lora, tokenizer=tok)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    before = RewardScorer(model, tok, TEMPLATE).score(QUESTIONS, ANSWERS)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    # gradients still reach the lowest adapters (v_proj -> attention -> 4-bit o_proj)
+    model.train()
+    scorer = RewardScorer(model, tok, TEMPLATE)
+    from stackllama.reward import pad_batch
+
+    ids, mask, pos = pad_batch(scorer.encode(QUESTIONS[:2], ANSWERS[:2]), scorer.pad_id, "right")
+    model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.sum().backward()
+    first = next(p for n, p in model.named_parameters() if "layers.0." in n and "v_proj.lora_B" in n)
+    assert first.grad is not None and first.grad.abs().sum() > 0
+    torch.testing.assert_close(scorer.score(QUESTIONS, ANSWERS), before)
+    # a frozen scorer is left alone (it may use the fast inference layout)
+    frozen = load_model(folder, "seq_cls", cfg.quantization, None, tokenizer=tok, trainable=False)
+    saved = [(m, m.support_avx512bf16_for_cpu) for m in frozen.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    RewardScorer(frozen, tok, TEMPLATE).score(QUESTIONS[:1], ANSWERS[:1])
+    assert all(m.support_avx512bf16_for_cpu == flag for m, flag in saved)
 
 
 def _word_level_tokenizer(texts: list[str]):

@@ -158,8 +158,7 @@ def test_quantized_lora_merges_into_plain_model(tmp_path, quant):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from stackllama.models.loader import load_model, load_tokenizer, model_folder
-    from stackllama.sft_utils import keep_4bit_layers_trainable
+    from stackllama.models.loader import keep_4bit_layers_trainable, load_model, load_tokenizer, model_folder
 
     cfg, folder, metrics = _build_in_process(tmp_path, f"quantization={quant}", "lora=default", "sft.max_steps=4")
     assert metrics["eval/perplexity"] < metrics["eval/perplexity_before"], "the quantized model did not learn"
