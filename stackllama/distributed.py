@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Stages whose build runs data-parallel across processes: rank 0 alone evaluates and saves
-# after training (stackllama/stages/sft.py). The others (RM until its build does the same, our
-# PPO loop, the evaluation) run in one process and refuse several.
-MULTI_PROCESS_STAGES = ("sft",)
+# Stages whose build runs data-parallel across processes: every rank trains, rank 0 alone
+# evaluates and saves (SFT, RM), or every rank rolls out and gradients are averaged (PPO).
+# The evaluation, and stage=all which ends with it, run in one process and refuse several.
+MULTI_PROCESS_STAGES = ("sft", "rm", "ppo")
 # How long non-main ranks wait for rank 0 in ``on_main`` (it may wait on another job's lock).
 WAIT_ENV = "STACKLLAMA_DIST_WAIT_S"
 DEFAULT_WAIT_S = 7 * 24 * 3600.0
@@ -258,6 +258,65 @@ def all_reduce_sum(value: float | int) -> float | int:
     return int(round(total)) if isinstance(value, int) else total
 
 
+def all_reduce_mean(value: float) -> float:
+    """``value`` averaged over every process."""
+    return float(all_reduce_sum(float(value))) / current().world_size
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank: ``[obj]`` alone."""
+    if not _initialized():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(stats: Mapping[str, float]) -> dict[str, float]:
+    """Per-key mean of every rank's ``stats``; a key some ranks lack averages over those that have it."""
+    if not _initialized():
+        return dict(stats)
+    per_rank = gather_objects(dict(stats))
+    keys = list(dict.fromkeys(k for d in per_rank for k in d))
+    return {k: sum(d[k] for d in per_rank if k in d) / sum(k in d for d in per_rank) for k in keys}
+
+
+def broadcast_parameters(params: list[Any]) -> None:
+    """Copy rank 0's values of ``params`` to every rank (the same start for data-parallel training)."""
+    if not _initialized():
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        dist.broadcast(p.data, src=0)
+
+
+def average_gradients(params: list[Any]) -> None:
+    """All-reduce the mean gradient of ``params`` over ranks, in one flat buffer.
+
+    Written by hand instead of wrapping the model in DDP: DDP's reducer needs every rank to
+    run the same backward passes, but PPO skips micro-batches whose probability ratio
+    explodes, on one rank and not another. Averaging once per optimizer step keeps the ranks
+    in lock-step whatever each skipped (a missing gradient counts as zero).
+    """
+    if not _initialized():
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
 _sequence = itertools.count()
 
 
@@ -337,5 +396,6 @@ def trained_model_on_main(trainer: Any, rebuild: Callable[[], Any]) -> Any:
 
 __all__ = [
     "DistEnv", "MULTI_PROCESS_STAGES", "detect", "export", "setup", "current", "is_main", "barrier",
-    "all_reduce_sum", "on_main", "parse_nodelist", "port_for", "zero3_enabled", "trained_model_on_main",
+    "all_reduce_sum", "all_reduce_mean", "gather_objects", "mean_over_ranks", "broadcast_parameters",
+    "average_gradients", "on_main", "parse_nodelist", "port_for", "zero3_enabled", "trained_model_on_main",
 ]

@@ -63,12 +63,12 @@ def test_batched_padded_forward_matches_single_examples():
     queries = [tok(f"Question: {q}\n\nAnswer: ", add_special_tokens=False)["input_ids"] for q in ("short?", QUESTIONS[0])]
     ro = generate_rollout(policy.generation_model(), tok, ["a", "b"], queries, [7, 4], cfg.ppo, CPU)
     with torch.no_grad():
-        logits, values = policy(ro.input_ids, ro.attention_mask, ro.query_len)
-        batched = core.logprobs_from_logits(logits, ro.response_ids)
+        hidden, head, _ = policy(ro.input_ids, ro.attention_mask, ro.query_len)
+        batched, _ = core.logprobs_from_hidden(hidden, head, ro.response_ids, chunk=2)
         for row, q in enumerate(queries):
             n = int(ro.response_mask[row].sum())
             ids = torch.tensor([q + ro.response_ids[row, :n].tolist()])
-            single_logits, _ = policy(ids, torch.ones_like(ids), len(q))
+            single_logits = policy.response_logits(ids, torch.ones_like(ids), len(q))
             single = core.logprobs_from_logits(single_logits, ids[:, len(q):])
             torch.testing.assert_close(batched[row, :n], single[0], atol=1e-4, rtol=1e-4)
     assert ro.response_mask.sum(1).tolist() == [7, 4]
@@ -87,7 +87,7 @@ def test_reference_is_the_policy_with_adapters_off():
         for p in policy.lm.parameters():
             if p.requires_grad:
                 p.add_(0.05)  # move the adapters away from zero: policy != reference now
-        pol, _ = policy(ids, att, 4)
+        pol = policy.response_logits(ids, att, 4)
         ref = policy.reference_logits(ids, att, 4)
         with policy.lm.disable_adapter():
             base = policy.lm(input_ids=ids).logits[:, 3:-1]
@@ -101,7 +101,7 @@ def exact_kl_to_reference(trainer: PPOTrainer) -> float:
     enc = tok([f"Question: {q}\n\nAnswer: it depends on the yeast" for q in QUESTIONS[:6]],
               return_tensors="pt", padding=True)
     with torch.no_grad():
-        logits, _ = policy(enc.input_ids, enc.attention_mask, 1)
+        logits = policy.response_logits(enc.input_ids, enc.attention_mask, 1)
         ref = policy.reference_logits(enc.input_ids, enc.attention_mask, 1)
     lp, lr = logits.log_softmax(-1), ref.log_softmax(-1)
     kl = (lp.exp() * (lp - lr)).sum(-1)  # (B, T-1)

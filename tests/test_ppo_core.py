@@ -14,6 +14,7 @@ from stackllama.ppo.core import (
     entropy_from_logits,
     explained_variance,
     kl_estimate,
+    logprobs_from_hidden,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -276,6 +277,36 @@ def test_logprobs_from_logits_matches_log_softmax(dtype):
     assert out.shape == (3, 6)
     tol = 1e-5 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_logprobs_from_hidden_matches_full_logits_with_gradients(chunk):
+    """Chunked + checkpointed head = the plain (B, T, V) computation, values and gradients."""
+    torch.manual_seed(0)
+    B, T, H, V = 5, 4, 8, 50
+    head = torch.nn.Linear(H, V, bias=False)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    weights = torch.randn(B, T)
+
+    full = logprobs_from_logits(head(hidden), labels)
+    (full * weights).sum().backward()
+    want_h, want_w = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+
+    got, entropy = logprobs_from_hidden(hidden, head, labels, chunk=chunk)
+    assert entropy is None
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, full)
+    torch.testing.assert_close(hidden.grad, want_h)
+    torch.testing.assert_close(head.weight.grad, want_w)
+
+    with torch.no_grad():
+        lp, ent = logprobs_from_hidden(hidden, head, labels, chunk=chunk, with_entropy=True)
+        torch.testing.assert_close(lp, full.detach())
+        torch.testing.assert_close(ent, entropy_from_logits(head(hidden)))
+    with pytest.raises(ValueError, match="no-grad"):
+        logprobs_from_hidden(hidden, head, labels, with_entropy=True)
 
 
 def test_masked_whiten_and_var():

@@ -25,7 +25,7 @@ def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -40,7 +40,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer, scheduler, loop_state: dict) -> Path:
+def save_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer, scheduler,
+                    loop_states: list[dict]) -> Path:
+    """Write step ``step`` atomically: the trainable tensors, optimizer and scheduler (the same
+    on every rank) and ``loop_states``, one ``{"loop": ..., "rng": rng_state()}`` per process
+    in rank order (a single entry without data parallelism)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
@@ -49,7 +53,7 @@ def save_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer,
     tmp.mkdir()
     torch.save(_trainable_state(module), tmp / "trainable.pt")
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": loop_state, "rng": _rng_state()},
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ranks": loop_states},
         tmp / "state.pt",
     )
     final = folder / name
@@ -64,8 +68,10 @@ def save_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer,
     return final
 
 
-def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scheduler) -> dict | None:
-    """Restore the newest checkpoint into ``module``/``optimizer``/``scheduler``; None if none."""
+def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scheduler, rank: int = 0,
+                    world_size: int = 1) -> dict | None:
+    """Restore the newest checkpoint into ``module``/``optimizer``/``scheduler`` and this rank's
+    RNG state; returns this rank's loop state, or None if there is no checkpoint."""
     pointer = Path(folder) / LATEST
     if not pointer.exists():
         return None
@@ -79,7 +85,11 @@ def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scheduler)
         for n, tensor in weights.items():
             params[n].copy_(tensor.to(params[n].device, params[n].dtype))
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    ranks = state.get("ranks") or [{"loop": state["loop"], "rng": state["rng"]}]  # single-process format
+    if len(ranks) != world_size:
+        raise RuntimeError(f"checkpoint {ckpt} was written by {len(ranks)} process(es); this job has {world_size}: "
+                           "resume with the same number of processes, or set ppo.resume=false")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state["loop"]
+    _set_rng_state(ranks[rank]["rng"])
+    return ranks[rank]["loop"]

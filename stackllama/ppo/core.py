@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 # --------------------------------------------------------------------------------------
@@ -238,6 +239,46 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     finite_logits = logits.masked_fill(~torch.isfinite(logits), 0.0)  # p=0 where z=-inf: avoid 0*inf
     # H = -sum p log p = logsumexp(z) - sum p * z
     return torch.logsumexp(logits, dim=-1) - (probs * finite_logits).sum(-1)
+
+
+def logprobs_from_hidden(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    labels: Tensor,
+    chunk: int = 1,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """log p(y_t) (and the entropy) from hidden states, never holding a (B, T, V) logits tensor.
+
+    (B, T, H), (B, T) -> (B, T) [, (B, T)]. The vocabulary-sized LM head is applied to
+    ``chunk`` episodes at a time; with grad enabled each chunk runs under activation
+    checkpointing, so backward recomputes its (chunk, T, V) logits instead of keeping them.
+    For a small model the logits, not the weights, are most of PPO's memory (V = 49,152 vs
+    H = 576 for SmolLM2): this cuts peak memory by ~(B / chunk) x (T x V) floats per pass, for one
+    extra head matmul per chunk in backward. Written by hand: neither transformers nor peft
+    exposes a chunked log-prob (Liger's fused linear cross-entropy is GPU-only).
+    """
+    chunk = max(int(chunk), 1)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    if grad and with_entropy:
+        raise ValueError("entropy is a no-grad statistic here; call with torch.no_grad()")
+
+    def piece(h: Tensor, y: Tensor) -> Tensor:
+        return logprobs_from_logits(head(h), y)  # (c, T, V) logits live only inside this call
+
+    logps, ents = [], []
+    for s in range(0, hidden.shape[0], chunk):
+        h, y = hidden[s : s + chunk], labels[s : s + chunk]
+        if grad:
+            logps.append(torch.utils.checkpoint.checkpoint(piece, h, y, use_reentrant=False))
+        elif with_entropy:
+            logits = head(h)  # (c, T, V)
+            logps.append(logprobs_from_logits(logits, y))
+            ents.append(entropy_from_logits(logits))
+            del logits
+        else:
+            logps.append(piece(h, y))
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:

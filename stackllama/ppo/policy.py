@@ -9,7 +9,7 @@ policy, value and reference share one copy of the base weights in memory.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -56,31 +56,54 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int, with_values: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits that predict the response tokens, and the values at those positions.
+    ) -> tuple[torch.Tensor, nn.Module, torch.Tensor | None]:
+        """Hidden states that predict the response tokens, the LM head, and the values there.
 
         ``input_ids`` = [left-padded query (Q) | right-padded response (R)]. Response token t
         sits at position Q + t and is predicted from position Q + t - 1, so only those R
-        hidden states go through the (vocabulary-sized) LM head: a large memory saving.
+        hidden states matter. The (vocabulary-sized) LM head is returned rather than applied:
+        ``core.logprobs_from_hidden`` applies it a few episodes at a time, so a full
+        (B, R, V) logits tensor never exists (it dominates PPO memory for small models).
         """
         model = self._causal_lm()
         hidden = self._hidden(model, input_ids, attention_mask)  # (B, Q+R, H)
         resp_hidden = hidden[:, query_len - 1 : -1]  # (B, R, H)
-        logits = model.get_output_embeddings()(resp_hidden)  # (B, R, V)
         values = None
         if with_values:
             values = self.v_head(resp_hidden.to(self.v_head.weight.dtype)).squeeze(-1)  # (B, R)
-        return logits, values
+        return resp_hidden, model.get_output_embeddings(), values
 
     @torch.no_grad()
-    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-        """The same response logits under the reference (adapters disabled, or the frozen copy)."""
+    def reference_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The same response hidden states and LM head under the reference (adapters off, or the copy)."""
         use_copy = self.reference is not None
         ctx = contextlib.nullcontext() if use_copy else self.lm.disable_adapter()
         with ctx:
             model = self._causal_lm(use_reference=use_copy)
             hidden = self._hidden(model, input_ids, attention_mask)
-            return model.get_output_embeddings()(hidden[:, query_len - 1 : -1])
+            head = model.get_output_embeddings()
+        if not use_copy and hasattr(head, "lora_A"):  # lora.target_modules includes lm_head: apply it unadapted
+            adapted = head
+
+            def head(h: torch.Tensor) -> torch.Tensor:
+                with self.lm.disable_adapter():
+                    return adapted(h)
+
+        return hidden[:, query_len - 1 : -1], head
+
+    @torch.no_grad()
+    def response_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+        """Full (B, R, V) response logits of the policy, for analysis and tests (PPO itself never builds them)."""
+        hidden, head, _ = self(input_ids, attention_mask, query_len, with_values=False)
+        return head(hidden)
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+        """Full (B, R, V) response logits of the reference."""
+        hidden, head = self.reference_hidden(input_ids, attention_mask, query_len)
+        return head(hidden)
 
     def generation_model(self) -> Any:
         """The module whose ``generate`` samples rollouts (adapters active)."""

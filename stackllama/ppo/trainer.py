@@ -12,13 +12,20 @@ One ``step()`` is the whole algorithm, top to bottom:
 
 Shapes: B episodes, R response tokens, V vocabulary. Every loss and statistic is masked
 to real response tokens (no padding, nothing after EOS).
+
+Data-parallel (``accelerate launch`` / torchrun / submitit tasks): each process rolls out
+its own B prompts, scores them and computes its advantages; gradients are averaged over
+processes before every optimizer step, and the KL controller and logged statistics use
+the means over processes, so one step consumes B x world_size episodes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,8 +35,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from stackllama import distributed
 from stackllama.ppo import core
-from stackllama.ppo.checkpoint import load_checkpoint, save_checkpoint
+from stackllama.ppo.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from stackllama.ppo.policy import PolicyWithValueHead
 from stackllama.ppo.rollout import PromptSource, Rollout, generate_rollout
 
@@ -72,6 +80,25 @@ def make_kl_controller(cfg: Any) -> core.FixedKLController | core.AdaptiveKLCont
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
 
 
+def set_malloc_mmap_threshold(megabytes: int | None) -> bool:
+    """glibc only: serve allocations above ``megabytes`` MiB with mmap, returned to the OS on free.
+
+    glibc raises its mmap threshold each time a large block is freed, so after the first PPO
+    step the (B, R, V)-sized temporaries come from the heap, which it keeps: the rollout, the
+    no-grad pass and training each leave a freed heap behind and peak RSS grows. A fixed
+    threshold stops that (torch's CPU allocator has no setting of its own for it). Returns
+    whether it was applied.
+    """
+    if megabytes is None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl and other libcs: nothing to do
+        return False
+    M_MMAP_THRESHOLD = -3  # from <malloc.h>
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(megabytes) << 20))
+
+
 class PPOTrainer:
     """Runs ``cfg.steps`` PPO steps on ``policy``; checkpoints into ``checkpoint_dir``."""
 
@@ -99,12 +126,15 @@ class PPOTrainer:
         self.gold_scorer = gold_scorer
         self.samples_path = samples_path
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.dist = distributed.current()
         if cfg.batch_size % cfg.mini_batch_size or cfg.mini_batch_size % cfg.gradient_accumulation_steps:
             raise ValueError("need batch_size % mini_batch_size == 0 and mini_batch_size % gradient_accumulation_steps == 0")
         # fused: one kernel for all parameters (an optimizer step went from ~100 ms to ~6 ms on CPU)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=float(cfg.learning_rate), fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)  # constant, as the article
         self.kl_ctl = make_kl_controller(cfg)
+        if device.type == "cpu":
+            set_malloc_mmap_threshold(cfg.malloc_mmap_threshold_mb)
         self.length_sampler = core.LengthSampler(int(cfg.min_new_tokens), int(cfg.max_new_tokens), seed=seed)
         self.score_moments = RunningMoments()
         self.generator = torch.Generator().manual_seed(seed)
@@ -160,7 +190,8 @@ class PPOTrainer:
 
         # 7. KL control: beta <- beta * (1 + clip(KL/target - 1, -0.2, 0.2) * B/horizon)
         seq_kl = (kl * mask).sum(1)  # (B,) KL of each response to the reference
-        self.kl_ctl.update(float(seq_kl.mean()), B)
+        world = self.dist.world_size
+        self.kl_ctl.update(distributed.all_reduce_mean(float(seq_kl.mean())), B * world)  # n = episodes, all ranks
         self.step_idx += 1
 
         stats = {
@@ -193,8 +224,10 @@ class PPOTrainer:
         if self.gold_scorer is not None:
             gold = torch.as_tensor(self.gold_scorer(ro.questions, ro.responses), dtype=torch.float32)
             stats["gold/score_mean"] = float(gold.mean())
-        stats["time/ppo/episodes_per_second"] = B / stats["time/ppo/step"]
-        self._maybe_log_samples(ro, scores, seq_kl, gold)
+        stats = distributed.mean_over_ranks(stats)  # the step's figures over all processes' episodes
+        stats["time/ppo/episodes_per_second"] = B * world / stats["time/ppo/step"]
+        if self.dist.is_main:
+            self._maybe_log_samples(ro, scores, seq_kl, gold)
         return stats
 
     # ------------------------------------------------------------------ pieces
@@ -202,17 +235,18 @@ class PPOTrainer:
     def _forward_no_grad(self, ro: Rollout) -> tuple[torch.Tensor, ...]:
         """Policy log-probs/values/entropy and reference log-probs, in mini-batch chunks."""
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
-        n = int(self.cfg.mini_batch_size)
+        n, chunk = int(self.cfg.mini_batch_size), int(self.cfg.head_chunk_size)
         Q = ro.query_len
         for s in range(0, ro.input_ids.shape[0], n):
             ids, att = ro.input_ids[s : s + n], ro.attention_mask[s : s + n]
-            resp = ro.response_ids[s : s + n]
-            logits, values = self.policy(ids, att, Q)  # (b, R, V), (b, R)
-            out["logprobs"].append(core.logprobs_from_logits(logits, resp))
-            out["values"].append(values)
-            out["entropy"].append(core.entropy_from_logits(logits))
-            ref_logits = self.policy.reference_logits(ids, att, Q)
-            out["ref"].append(core.logprobs_from_logits(ref_logits, resp))
+            resp = ro.response_ids[s : s + n]  # (b, R)
+            hidden, head, values = self.policy(ids, att, Q)  # (b, R, H), LM head, (b, R)
+            logprobs, entropy = core.logprobs_from_hidden(hidden, head, resp, chunk, with_entropy=True)
+            del hidden
+            ref_hidden, ref_head = self.policy.reference_hidden(ids, att, Q)  # (b, R, H)
+            ref_logprobs, _ = core.logprobs_from_hidden(ref_hidden, ref_head, resp, chunk)
+            for key, value in (("logprobs", logprobs), ("values", values), ("ref", ref_logprobs), ("entropy", entropy)):
+                out[key].append(value)
         return tuple(torch.cat(out[k]).float() for k in ("logprobs", "values", "ref", "entropy"))
 
     def _optimize(self, ro, old_logprobs, old_values, advantages, returns, mask) -> dict[str, float]:
@@ -233,8 +267,9 @@ class PPOTrainer:
                 stepped = False
                 for m_start in range(start, start + mb, micro):
                     i = perm[m_start : m_start + micro].to(ro.input_ids.device)
-                    logits, values = self.policy(ro.input_ids[i], ro.attention_mask[i], Q)
-                    logprobs = core.logprobs_from_logits(logits, ro.response_ids[i]).float()
+                    hidden, head, values = self.policy(ro.input_ids[i], ro.attention_mask[i], Q)  # (m, R, H), (m, R)
+                    logprobs, _ = core.logprobs_from_hidden(hidden, head, ro.response_ids[i], int(cfg.head_chunk_size))
+                    logprobs = logprobs.float()  # (m, R)
                     pg_loss, pg_stats = core.policy_loss(logprobs, old_logprobs[i], advantages[i], mask[i], float(cfg.cliprange))
                     vf_loss, vf_stats = core.value_loss(values.float(), old_values[i], returns[i], mask[i], float(cfg.cliprange_value))
                     if float(pg_stats["ratio_mean"]) > float(cfg.ratio_threshold):
@@ -253,11 +288,18 @@ class PPOTrainer:
                         sums[k] += float(v.detach()) if torch.is_tensor(v) else float(v)
                     count += 1
                     epoch_kl.append(float(pg_stats["approxkl"]))
+                if self.dist.is_distributed:  # every rank steps, with the mean gradient, if any rank has one
+                    stepped = distributed.all_reduce_sum(int(stepped)) > 0
+                    if stepped:
+                        distributed.average_gradients(params)
                 if stepped:
                     torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
                     self.optimizer.step()
                     self.scheduler.step()
-            if cfg.target_kl is not None and epoch_kl and np.mean(epoch_kl) > 1.5 * float(cfg.target_kl):
+            epoch_approxkl = float(np.mean(epoch_kl)) if epoch_kl else 0.0
+            if self.dist.is_distributed:  # all ranks stop together
+                epoch_approxkl = distributed.all_reduce_mean(epoch_approxkl)
+            if cfg.target_kl is not None and epoch_approxkl > 1.5 * float(cfg.target_kl):
                 early_stop = 1.0  # policy moved too far from the rollout policy: stop this step's epochs
                 break
         self.policy.eval()
@@ -309,7 +351,8 @@ class PPOTrainer:
 
     def resume(self) -> int:
         """Load the latest checkpoint when present; returns the step resumed from (0 if none)."""
-        state = load_checkpoint(self.checkpoint_dir, self.policy, self.optimizer, self.scheduler)
+        state = load_checkpoint(self.checkpoint_dir, self.policy, self.optimizer, self.scheduler,
+                                rank=self.dist.rank, world_size=self.dist.world_size)
         if state is None:
             return 0
         self.load_state(state)
@@ -317,16 +360,20 @@ class PPOTrainer:
         return self.step_idx
 
     def save(self) -> None:
-        save_checkpoint(self.checkpoint_dir, self.step_idx, self.policy, self.optimizer, self.scheduler, self.state())
+        """Rank 0 writes the (identical) weights and optimizer with every rank's loop and RNG state."""
+        per_rank = distributed.gather_objects({"loop": self.state(), "rng": rng_state()})  # collective: every rank calls save()
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint_dir, self.step_idx, self.policy, self.optimizer, self.scheduler, per_rank)
+        distributed.barrier()  # nobody reads or overwrites it before it is complete
 
     def train(self, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         total = int(self.cfg.steps)
-        bar = tqdm(total=total, initial=self.step_idx, desc="PPO", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.step_idx, desc="PPO", dynamic_ncols=True, disable=not self.dist.is_main)
         while self.step_idx < total:
             stats = self.step()
             stats["ppo/step"] = self.step_idx
             self.history.append(stats)
-            if self.tracker is not None and self.step_idx % max(int(self.cfg.log_every), 1) == 0:
+            if self.tracker is not None and self.dist.is_main and self.step_idx % max(int(self.cfg.log_every), 1) == 0:
                 self.tracker.log(stats, step=self.step_idx)
             bar.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}",
                             beta=f"{stats['objective/kl_coef']:.3f}")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stackllama import artifacts
+from stackllama import artifacts, distributed
 from stackllama.data import build_dataset, gold_scorer
 from stackllama.models.loader import count_parameters, load_model, load_tokenizer
 from stackllama.models.merge import merge_adapter_into_base
@@ -52,28 +53,47 @@ def save_policy(cfg: Any, policy: PolicyWithValueHead, tok: Any, sft_path: Path,
         tok.save_pretrained(str(out_dir))
 
 
+def trainable_norm(policy: PolicyWithValueHead) -> float:
+    """Sum of the trained tensors' norms (adapters and value head)."""
+    return float(sum(p.detach().float().norm() for p in policy.trainable_parameters()))
+
+
 def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ValueError("stage=ppo trains data-parallel by averaging gradients itself; DeepSpeed ZeRO configs apply to "
+                         "stage=sft and stage=rm. Launch PPO with conf/accelerate/ddp.yaml")
     sft_path = artifacts.require("sft", cfg, ctx, explicit=cfg.ppo.policy_path)
     rm_path = artifacts.require("rm", cfg, ctx, explicit=cfg.ppo.reward_model_path)
     splits = build_dataset(cfg.data)
     gold = gold_scorer(cfg.data)
 
     policy, tok = load_policy(cfg, sft_path, ctx.device)
+    dist = distributed.current()
+    # Data parallel: the same starting weights everywhere, a different stream of prompts,
+    # lengths and samples on each rank (rank 0 keeps the single-process seeds).
+    distributed.broadcast_parameters(policy.trainable_parameters())
+    seed = int(cfg.seed) + 1000 * dist.rank
+    if dist.rank:
+        torch.manual_seed(seed)
     reward = RewardScorer.from_pretrained(
         rm_path, device=ctx.device, batch_size=int(cfg.ppo.reward_batch_size),
         max_length=int(cfg.rm.max_length),  # score texts as the RM saw them in training
         template=cfg.data.prompt_template, quant_cfg=cfg.quantization,
     )
     prompts = PromptSource(list(splits.rl["question"]), list(splits.rl["query"]), tok,
-                           int(cfg.ppo.max_prompt_length), int(cfg.seed))
+                           int(cfg.ppo.max_prompt_length), seed)
     trainer = PPOTrainer(
-        cfg.ppo, policy, tok, reward.score, prompts, ctx.device, int(cfg.seed),
+        cfg.ppo, policy, tok, reward.score, prompts, ctx.device, seed,
         checkpoint_dir=work_dir / "checkpoints", tracker=ctx.tracker, gold_scorer=gold,
         samples_path=ctx.run_dir / "ppo_samples.jsonl",
     )
     resumed_from = trainer.resume() if cfg.ppo.resume else 0
     history = trainer.train(on_step=lambda s: ctx.metrics.update({"ppo/last_step": s["ppo/step"]}))
     trainer.save()
+    # this rank's own figure (the published metrics are rank 0's): equal on all ranks when in sync
+    ctx.metrics.update({"rank/ppo/trainable_norm": trainable_norm(policy)})
+    if not dist.is_main:  # rank 0 alone saves the policy; the artifact store publishes its folder
+        return {"ppo/steps": len(history)}
 
     with open(out_dir / "history.jsonl", "w") as fh:
         for row in history:
@@ -87,6 +107,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
         "ppo/resumed_from_step": resumed_from,
         "data/rl_prompts": len(prompts.query_ids),
         "data/skipped_prompts_too_long": prompts.skipped_too_long,
+        "ppo/episodes": len(history) * int(cfg.ppo.batch_size) * dist.world_size,
         **count_parameters(policy),
     })
     log.info("PPO: reward %.3f -> %.3f, KL end %.3f", metrics.get("ppo/reward_mean_start", float("nan")),

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from stackllama import artifacts
+from stackllama import artifacts, distributed
 from stackllama.reward import RewardScorer, encode_reward_texts, format_text, pairwise_metrics
 
 log = logging.getLogger(__name__)
@@ -243,21 +243,27 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     log.info("rm: %d training pairs (%d of %d examined dropped as longer than %d tokens), %d eval pairs",
              len(cols["chosen_ids"]), dropped, examined, max_length, len(evaluation))
 
-    model = load_model(base_path, "seq_cls", cfg.quantization, rm.lora, dtype=cfg.model.dtype,
-                       device=ctx.device, tokenizer=tokenizer,
-                       gradient_checkpointing=bool(rm.gradient_checkpointing))
+    def load() -> Any:
+        return load_model(base_path, "seq_cls", cfg.quantization, rm.lora, dtype=cfg.model.dtype,
+                          device=ctx.device, tokenizer=tokenizer,
+                          gradient_checkpointing=bool(rm.gradient_checkpointing))
+
+    model = load()
     metrics.update(count_parameters(model))
+    main = distributed.is_main()  # under DDP every rank trains; rank 0 alone evaluates and saves
 
     def scorer(net: Any) -> RewardScorer:
         return RewardScorer(net, tokenizer, template, batch_size=int(rm.eval_batch_size),
                             max_length=max_length, device=ctx.device)
 
     started = time.time()
-    log.info("rm: scoring %d held-out pairs with the untrained model ...", len(evaluation))
-    before, _, _ = evaluate_pairs(scorer(model), evaluation)
-    metrics["eval/accuracy_before"] = before["accuracy"]
-    metrics["eval/margin_before"] = before["margin"]
-    metrics["eval/seconds_before"] = round(time.time() - started, 2)
+    before = {"accuracy": float("nan"), "margin": float("nan")}
+    if main:
+        log.info("rm: scoring %d held-out pairs with the untrained model ...", len(evaluation))
+        before, _, _ = evaluate_pairs(scorer(model), evaluation)
+        metrics["eval/accuracy_before"] = before["accuracy"]
+        metrics["eval/margin_before"] = before["margin"]
+        metrics["eval/seconds_before"] = round(time.time() - started, 2)
 
     import datasets
 
@@ -288,7 +294,9 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     history = [h for h in trainer.state.log_history if "accuracy" in h]
     if history:
         metrics["train/accuracy_last_log"] = float(history[-1]["accuracy"])
-    model = trainer.model
+    model = distributed.trained_model_on_main(trainer, load)  # every rank takes part (ZeRO-3 shards)
+    if not main:
+        return metrics
 
     started = time.time()
     log.info("rm: trained in %.0f s (loss %.4f); scoring the held-out pairs ...", metrics["train/seconds"],

@@ -57,9 +57,10 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
 
     trainer = make_trainer(cfg, ctx, model, tokenizer, train_ds, work_dir)
     metrics.update(train(cfg, trainer, work_dir))
+    # Every rank must take part (under ZeRO-3 the weights are sharded across ranks).
+    model = distributed.trained_model_on_main(trainer, lambda: load_policy(cfg, ctx, base_path, tokenizer))
     if not main:
         return metrics
-    model = trainer.model
 
     metrics["eval/perplexity"] = held_out_perplexity(cfg, ctx, model, tokenizer, held_texts)
     log.info(
@@ -103,8 +104,6 @@ def load_policy(cfg: Any, ctx: Any, base_path: Path, tokenizer: Any):
         tokenizer=tokenizer,
         gradient_checkpointing=bool(cfg.sft.gradient_checkpointing),
     )
-    if cfg.quantization.mode == "nf4":
-        sft_utils.keep_4bit_layers_trainable(model)  # we evaluate before training; see there
     return model
 
 
