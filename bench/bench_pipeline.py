@@ -57,8 +57,12 @@ def run(args: argparse.Namespace) -> dict:
         metrics_path = run_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     stages = {k: v for k, v in metrics.items() if k.startswith("time/")}
-    headline = {k: metrics[k] for k in ("eval/win_rate_vs_sft", "sft/eval/perplexity", "rm/eval/accuracy",
-                                        "ppo/reward_mean_end") if k in metrics}
+    headline = {k: metrics[k] for k in (
+        "sft/eval/perplexity_before", "sft/eval/perplexity", "rm/eval/accuracy", "rm/eval/gold_accuracy",
+        "ppo/reward_mean_start", "ppo/reward_mean_end", "ppo/gold/score_start", "ppo/gold/score_end",
+        "ppo/objective/kl_end", "eval/win_rate_vs_sft", "eval/win_rate_stderr", "eval/gold_win_rate_vs_sft",
+        "eval/reward_mean_ppo", "eval/reward_mean_sft", "eval/gold_mean_ppo", "eval/gold_mean_sft", "eval/kl_mean",
+    ) if k in metrics}
     print(f"\nPipeline (stage=all, embedded default, empty cache): {wall:.0f} s = {wall / 60:.1f} min")
     for k, v in stages.items():
         print(f"  {k}: {v:.0f} s" if isinstance(v, (int, float)) else f"  {k}: {v}")

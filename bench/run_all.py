@@ -167,9 +167,15 @@ def build_table(results: dict) -> str:
         stages = ", ".join(f"{k.split('/')[-1].removesuffix('_s')} {v:.0f}s" for k, v in pipe["stage_times_s"].items()
                            if isinstance(v, (int, float)) and k.startswith("time/stage/") and not k.endswith("_build_s"))
         extra = pipe["command"].split("logger=none", 1)[-1].strip()
-        lines.append(f"| Pipeline wall time, stage=all | {pipe['wall_s'] / 60:.1f} min | | | | "
+        head = pipe.get("headline_metrics", {})
+        outcome = ""
+        if "eval/win_rate_vs_sft" in head:
+            outcome = f"; eval win rate vs SFT {head['eval/win_rate_vs_sft']:.3f}" + (
+                f" (gold {head['eval/gold_win_rate_vs_sft']:.3f})" if "eval/gold_win_rate_vs_sft" in head else "")
+        met = "met" if pipe["wall_s"] < 15 * 60 else "missed"
+        lines.append(f"| Pipeline wall time, stage=all | {pipe['wall_s'] / 60:.1f} min | | | < 15 min ({met}) | "
                      f"{'embedded default' if not extra else 'overrides: ' + extra}, fresh artifacts dir and empty "
-                     f"cache; {stages} |")
+                     f"cache; {stages}{outcome} |")
     elif results.get("pipeline_skipped"):
         lines.append("| Pipeline wall time, stage=all | not run (use --pipeline) | | | | |")
     return "\n".join(lines) + "\n"

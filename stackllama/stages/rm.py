@@ -156,6 +156,8 @@ def longer_wins_accuracy(pairs: Any) -> float:
 def reward_config(cfg: Any, ctx: Any, work_dir: Path, num_pairs: int):
     from trl import RewardConfig
 
+    from stackllama.stages.sft import checkpointing_kwargs
+
     rm = cfg.rm
     return RewardConfig(
         output_dir=str(work_dir / "checkpoints"),
@@ -170,7 +172,7 @@ def reward_config(cfg: Any, ctx: Any, work_dir: Path, num_pairs: int):
         warmup_steps=int(rm.warmup_steps),
         logging_steps=int(rm.logging_steps),
         max_length=int(rm.max_length),
-        gradient_checkpointing=bool(rm.gradient_checkpointing),
+        **checkpointing_kwargs(bool(rm.gradient_checkpointing)),
         center_rewards_coefficient=None,
         disable_dropout=False,  # honour rm.lora.dropout (the article's 0.1)
         bf16=False,

@@ -149,10 +149,18 @@ def training_args(cfg: Any, ctx: Any, work_dir: Path):
 
 
 def checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
-    """Gradient checkpointing arguments, only when on (transformers 5 warns on the old names)."""
+    """Training arguments that turn activation checkpointing on; none when off.
+
+    transformers 5.24 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` and
+    warns on the old name, even when it is False; older releases know only the old one.
+    """
     if not enabled:
         return {}
-    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def make_trainer(cfg: Any, ctx: Any, model: Any, tokenizer: Any, train_ds: Any, work_dir: Path):
