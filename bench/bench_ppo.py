@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="runs per side and setting, alternated")
     p.add_argument("--finetune", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra overrides for our side, e.g. ppo.head_chunk_size=8 (memory/speed trade-offs)")
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES, help="run only some sides (profiling)")
     p.add_argument("--profile", action="store_true", help="also profile one of our steps (torch.profiler)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
@@ -113,6 +115,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
         "kl_coef": args.kl_coef,
         "seed": args.seed,
         "lora": LORA,
+        "ours_overrides": list(args.ours),
     }
 
 
@@ -140,6 +143,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
         "ppo.stop_at_eos=false", "ppo.top_k=0", "ppo.top_p=1.0", "ppo.temperature=1.0",
         f"ppo.learning_rate={spec['learning_rate']}", f"ppo.kl_coef={spec['kl_coef']}",
         "ppo.sample_every=0", "ppo.save_every=0", f"ppo.reward_batch_size={B}", "ppo.max_prompt_length=1024",
+        *spec.get("ours_overrides", []),
     ]
     cfg = common.compose(overrides)
     device = torch.device("cpu")

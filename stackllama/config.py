@@ -210,10 +210,12 @@ class PPOConfig:
     # Memory: for small models the (episodes x tokens x vocabulary) logits, not the weights, set
     # the peak. The LM head runs on this many episodes at a time (checkpointed in training).
     head_chunk_size: int = 1
-    # CPU + glibc only: allocations above this many MiB are mmapped and handed back to the OS
-    # when freed, so rollout, no-grad and training phases don't each keep a freed heap
-    # (peak RSS ~15% lower in bench_ppo.py). null keeps glibc's adaptive default.
-    malloc_mmap_threshold_mb: Optional[int] = 1
+    # CPU + glibc only: hand freed heap memory back to the OS between phases (rollout, no-grad
+    # pass, optimisation), which otherwise each keep a freed heap (bench_ppo.py: see bench/README).
+    malloc_trim: bool = True
+    # CPU + glibc only: allocations above this many MiB are mmapped and returned on free: lowest
+    # peak RSS, but each costs fresh page faults (1 MiB: 1.8x slower PPO on the tiny model).
+    malloc_mmap_threshold_mb: Optional[int] = None
     # Bookkeeping
     log_every: int = 1
     sample_every: int = 10

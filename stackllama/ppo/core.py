@@ -251,8 +251,9 @@ def logprobs_from_hidden(
     """log p(y_t) (and the entropy) from hidden states, never holding a (B, T, V) logits tensor.
 
     (B, T, H), (B, T) -> (B, T) [, (B, T)]. The vocabulary-sized LM head is applied to
-    ``chunk`` episodes at a time; with grad enabled each chunk runs under activation
-    checkpointing, so backward recomputes its (chunk, T, V) logits instead of keeping them.
+    ``chunk`` episodes at a time; with grad enabled each chunk (when there are several) runs
+    under activation checkpointing, so backward recomputes its (chunk, T, V) logits instead of
+    keeping them.
     For a small model the logits, not the weights, are most of PPO's memory (V = 49,152 vs
     H = 576 for SmolLM2): this cuts peak memory by ~(B / chunk) x (T x V) floats per pass, for one
     extra head matmul per chunk in backward. Written by hand: neither transformers nor peft
@@ -269,7 +270,7 @@ def logprobs_from_hidden(
     logps, ents = [], []
     for s in range(0, hidden.shape[0], chunk):
         h, y = hidden[s : s + chunk], labels[s : s + chunk]
-        if grad:
+        if grad and chunk < hidden.shape[0]:  # one chunk for all: nothing to save by recomputing
             logps.append(torch.utils.checkpoint.checkpoint(piece, h, y, use_reentrant=False))
         elif with_entropy:
             logits = head(h)  # (c, T, V)
