@@ -22,6 +22,7 @@ the means over processes, so one step consumes B x world_size episodes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import math
@@ -80,6 +81,7 @@ def make_kl_controller(cfg: Any) -> core.FixedKLController | core.AdaptiveKLCont
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
 
 
+@functools.lru_cache(maxsize=1)
 def _libc() -> Any:
     """glibc, or None (macOS, musl, Windows): the allocator calls below are Linux/glibc only."""
     if not sys.platform.startswith("linux"):
@@ -194,7 +196,6 @@ class PPOTrainer:
         old_logprobs, old_values, ref_logprobs, entropy = self._forward_no_grad(ro)  # each (B, R)
         mask = mask.to(old_logprobs.device)
         scores = scores.to(old_logprobs.device)
-        self._between_phases()
         t_forward = time.perf_counter()
 
         # 4. Per-token rewards: r_t = -beta * KL_t ; r_T += score ----------------------
@@ -208,7 +209,6 @@ class PPOTrainer:
 
         # 6. PPO epochs over shuffled mini-batches ------------------------------------
         train_stats = self._optimize(ro, old_logprobs, old_values, advantages, returns, mask)
-        self._between_phases()
         t_optimize = time.perf_counter()
 
         # 7. KL control: beta <- beta * (1 + clip(KL/target - 1, -0.2, 0.2) * B/horizon)
@@ -255,6 +255,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ pieces
     def _between_phases(self) -> None:
+        """After the rollout, each no-grad mini-batch and each optimisation epoch (see release_free_memory)."""
         if self.device.type == "cpu" and self.cfg.malloc_trim:
             release_free_memory()
 
