@@ -370,7 +370,11 @@ def trained_model_on_main(trainer: Any, rebuild: Callable[[], Any]) -> Any:
     model built fresh, outside DeepSpeed (``from_pretrained`` would otherwise partition it).
     """
     if not zero3_enabled(trainer):
-        return trainer.model if current().is_main else None
+        if not current().is_main:
+            return None
+        # Under Trainer's bf16/fp16 flags accelerate patched the model's forward with autocast;
+        # later scoring, merging and generation choose their own precision.
+        return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective; full on rank 0
     if not current().is_main:
         return None

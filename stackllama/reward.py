@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import torch
 
+from stackllama import precision
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "Question: {question}\n\nAnswer: {answer}"
@@ -117,6 +119,7 @@ class RewardScorer:
     returns a float32 CPU tensor of shape ``[N]``.
 
     ``padding_side`` (default: the tokenizer's) changes nothing but the layout of a batch.
+    ``mixed_precision`` (no | bf16 | fp16) runs the forward passes under that autocast.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class RewardScorer:
         max_length: int = 512,
         device: torch.device | str | None = None,
         padding_side: str | None = None,
+        mixed_precision: str = "no",
     ):
         if "{question}" not in template or "{answer}" not in template:
             raise ValueError(f"reward template must contain {{question}} and {{answer}}: {template!r}")
@@ -140,6 +144,7 @@ class RewardScorer:
         self.max_length = int(max_length)
         self.padding_side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
         self.device = torch.device(device) if device is not None else _model_device(model)
+        self.mixed_precision = mixed_precision
 
         config = _model_config(model)
         if getattr(config, "num_labels", 1) != 1:
@@ -170,6 +175,7 @@ class RewardScorer:
         quant_cfg: Any = None,
         dtype: str | None = None,
         padding_side: str | None = None,
+        mixed_precision: str = "no",
     ) -> "RewardScorer":
         """Load a merged reward-model folder (weights + score head + tokenizer), frozen, in eval mode.
 
@@ -187,7 +193,7 @@ class RewardScorer:
         model = load_model(path, "seq_cls", quant, None, dtype=dtype, device=device, tokenizer=tokenizer,
                            trainable=False)
         return cls(model, tokenizer, template, batch_size=batch_size, max_length=max_length, device=device,
-                   padding_side=padding_side)
+                   padding_side=padding_side, mixed_precision=mixed_precision)
 
     # -- encoding -----------------------------------------------------------------------
 
@@ -214,7 +220,7 @@ class RewardScorer:
         modes = [(m, m.training) for m in self.model.modules()] if hasattr(self.model, "modules") else []
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), precision.autocast(self.mixed_precision, self.device):
                 for start in range(0, n, self.batch_size):
                     idx = order[start:start + self.batch_size]
                     ids, mask, pos = pad_batch([seqs[i] for i in idx], self.pad_id, self.padding_side)

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stackllama import distributed
+from stackllama import distributed, precision
 from stackllama.config import validate_choices
 from stackllama.metrics import Metrics
 from stackllama.tracking import Tracker, make_tracker
@@ -129,6 +129,7 @@ def run_task(cfg: DictConfig) -> float | None:
         device = resolve_device(cfg.device)
         if device.type == "cuda" and topology.is_distributed:
             device = torch.device("cuda", topology.local_rank)
+        precision.check(cfg.mixed_precision, device)
         seed_everything(cfg.seed)
         ctx = RunContext(job.run_dir, metrics, tracker, device, job.multirun)
         objective = runner(cfg, ctx)

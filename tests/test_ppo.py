@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stackllama import precision
 from stackllama.models.loader import model_folder
 from stackllama.ppo import core
 from stackllama.ppo.rollout import PromptSource, generate_rollout, response_mask_from
@@ -31,7 +33,7 @@ def _cfg(*overrides: str):
     ])
 
 
-def _trainer(cfg, tmp_path: Path, seed: int = 0) -> PPOTrainer:
+def _trainer(cfg, tmp_path: Path, seed: int = 0, mixed_precision: str = "no") -> PPOTrainer:
     torch.manual_seed(seed)
     policy, tok = load_policy(cfg, model_folder(cfg.model), CPU)
 
@@ -44,7 +46,8 @@ def _trainer(cfg, tmp_path: Path, seed: int = 0) -> PPOTrainer:
         return torch.tensor(out)
 
     prompts = PromptSource(QUESTIONS, [f"Question: {q}\n\nAnswer: " for q in QUESTIONS], tok, 64, seed)
-    return PPOTrainer(cfg.ppo, policy, tok, even_token_share, prompts, CPU, seed, tmp_path / "ckpt")
+    return PPOTrainer(cfg.ppo, policy, tok, even_token_share, prompts, CPU, seed, tmp_path / "ckpt",
+                      mixed_precision=mixed_precision)
 
 
 def test_response_mask_cuts_at_length_and_eos():
@@ -132,6 +135,28 @@ def test_adaptive_controller_moves_beta(tmp_path):
     expected = beta0 * (1 + max(-0.2, min(0.2, kl0 / 0.001 - 1)) * 8 / 100)
     assert beta0 == pytest.approx(0.2)
     assert beta1 == pytest.approx(expected, rel=1e-6)
+
+
+def test_bf16_autocast_rounds_the_backbone_but_not_the_log_probs(tmp_path):
+    """mixed_precision=bf16: the backbone runs in bf16 (results differ from fp32), the LM head
+    and log-softmax do not (float32 log-probs within bf16's error of the fp32 ones), and a
+    PPO step trains."""
+    cfg = _cfg("ppo.steps=1", "ppo.learning_rate=1e-3")
+    fp32 = _trainer(cfg, tmp_path / "a")
+    bf16 = _trainer(cfg, tmp_path / "b", mixed_precision="bf16")
+    idx = list(range(8))
+    torch.manual_seed(0)
+    with precision.autocast("bf16", CPU):
+        ro = generate_rollout(bf16.policy.generation_model(), bf16.tokenizer, [QUESTIONS[i] for i in idx],
+                              [bf16.prompts.query_ids[i] for i in idx], [8] * 8, cfg.ppo, CPU)
+    exact, rounded = fp32._forward_no_grad(ro), bf16._forward_no_grad(ro)
+    for a, b in zip(exact, rounded):  # log-probs, values, reference log-probs, entropy
+        assert b.dtype == torch.float32
+        assert 0 < float((a - b).abs().max()) < 0.05
+    before = [p.detach().clone() for p in bf16.policy.trainable_parameters()]
+    hist = bf16.train()
+    assert all(math.isfinite(v) for v in hist[0].values())
+    assert any(not torch.equal(p0, p) for p0, p in zip(before, bf16.policy.trainable_parameters()))
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -350,6 +350,20 @@ def test_rm_stage_metrics_and_artifact(tmp_path):
     assert ctx2.metrics["artifact/reused"] is True
 
 
+def test_rm_stage_in_bf16_autocast_saves_the_model_it_trained(tmp_path):
+    """Under Trainer's bf16 flag accelerate patches the model's forward with autocast; the
+    stage must unwrap it, so the fp32 merge check compares like with like (it failed by
+    ~0.02 before the unwrap) and later scoring chooses its own precision."""
+    from stackllama.stages import rm
+
+    _, folder = _tiny()
+    ctx = _ctx(tmp_path)
+    rm.run(_stage_cfg(tmp_path, folder, ["mixed_precision=bf16"]), ctx)
+    m = ctx.metrics.values
+    assert math.isfinite(m["train/loss"]) and 0.0 <= m["eval/accuracy"] <= 1.0
+    assert m["eval/merge_max_abs_diff"] < 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_rm_stage_quantized_base_merges_unquantized(tmp_path, quant):

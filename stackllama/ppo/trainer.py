@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stackllama import distributed
+from stackllama import distributed, precision
 from stackllama.ppo import core
 from stackllama.ppo.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from stackllama.ppo.policy import PolicyWithValueHead
@@ -137,8 +137,10 @@ class PPOTrainer:
         tracker: Any = None,
         gold_scorer: Scorer | None = None,
         samples_path: Path | None = None,
+        mixed_precision: str = "no",
     ):
         self.cfg = cfg
+        self.mixed_precision = mixed_precision
         self.policy = policy
         self.tokenizer = tokenizer
         self.scorer = scorer
@@ -174,10 +176,11 @@ class PPOTrainer:
         idx = self.prompts.next_batch(B)
         questions = [self.prompts.questions[i] for i in idx]
         lengths = [self.length_sampler() for _ in range(B)]
-        ro: Rollout = generate_rollout(
-            policy.generation_model(), self.tokenizer, questions,
-            [self.prompts.query_ids[i] for i in idx], lengths, cfg, self.device,
-        )
+        with self._autocast():
+            ro: Rollout = generate_rollout(
+                policy.generation_model(), self.tokenizer, questions,
+                [self.prompts.query_ids[i] for i in idx], lengths, cfg, self.device,
+            )
         mask = ro.response_mask.float()  # (B, R)
         self._between_phases()
         t_rollout = time.perf_counter()
@@ -254,6 +257,12 @@ class PPOTrainer:
         return stats
 
     # ------------------------------------------------------------------ pieces
+    def _autocast(self) -> Any:
+        """Mixed precision for the backbone passes. The LM head and log-softmax stay outside it, in
+        the weights' dtype: bf16 logits are rounded by up to ~0.06 at typical magnitudes, enough
+        to blur the PPO ratio exp(logp - logp_old) the clip range (0.2) acts on."""
+        return precision.autocast(self.mixed_precision, self.device)
+
     def _between_phases(self) -> None:
         """After the rollout, each no-grad mini-batch and each optimisation epoch (see release_free_memory)."""
         if self.device.type == "cpu" and self.cfg.malloc_trim:
@@ -268,10 +277,12 @@ class PPOTrainer:
         for s in range(0, ro.input_ids.shape[0], n):
             ids, att = ro.input_ids[s : s + n], ro.attention_mask[s : s + n]
             resp = ro.response_ids[s : s + n]  # (b, R)
-            hidden, head, values = self.policy(ids, att, Q)  # (b, R, H), LM head, (b, R)
+            with self._autocast():
+                hidden, head, values = self.policy(ids, att, Q)  # (b, R, H), LM head, (b, R)
             logprobs, entropy = core.logprobs_from_hidden(hidden, head, resp, chunk, with_entropy=True)
             del hidden
-            ref_hidden, ref_head = self.policy.reference_hidden(ids, att, Q)  # (b, R, H)
+            with self._autocast():
+                ref_hidden, ref_head = self.policy.reference_hidden(ids, att, Q)  # (b, R, H)
             ref_logprobs, _ = core.logprobs_from_hidden(ref_hidden, ref_head, resp, chunk)
             for key, value in (("logprobs", logprobs), ("values", values), ("ref", ref_logprobs), ("entropy", entropy)):
                 out[key].append(value)
@@ -297,7 +308,8 @@ class PPOTrainer:
                 stepped = False
                 for m_start in range(start, start + mb, micro):
                     i = perm[m_start : m_start + micro].to(ro.input_ids.device)
-                    hidden, head, values = self.policy(ro.input_ids[i], ro.attention_mask[i], Q)  # (m, R, H), (m, R)
+                    with self._autocast():
+                        hidden, head, values = self.policy(ro.input_ids[i], ro.attention_mask[i], Q)  # (m, R, H), (m, R)
                     logprobs, _ = core.logprobs_from_hidden(hidden, head, ro.response_ids[i], int(cfg.head_chunk_size))
                     logprobs = logprobs.float()  # (m, R)
                     pg_loss, pg_stats = core.policy_loss(logprobs, old_logprobs[i], advantages[i], mask[i], float(cfg.cliprange))

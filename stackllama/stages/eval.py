@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from stackllama import artifacts
+from stackllama import artifacts, precision
 from stackllama.ppo.core import logprobs_from_logits, repetition_stats
 from stackllama.ppo.policy import position_ids_from_mask
 from stackllama.ppo.rollout import generate_rollout
@@ -268,7 +268,8 @@ def compare(
     if skipped:
         log.info("eval: skipped %d questions longer than %d prompt tokens", skipped, cfg.ppo.max_prompt_length)
     log.info("eval: %d questions, %d new tokens, batches of %d", len(qs), max_new, bs)
-    ppo_batches = sample(model, tok_ppo, qs, query_ids, max_new, bs, sampling, seed, device)
+    with precision.autocast(cfg.mixed_precision, device):  # sampling; the log-probs below stay unrounded
+        ppo_batches = sample(model, tok_ppo, qs, query_ids, max_new, bs, sampling, seed, device)
     logp_ppo = response_logprob_sums(model, ppo_batches, device)
     del model
     _release_memory()
@@ -280,7 +281,8 @@ def compare(
     sft_query_ids = query_ids if same_vocab else [
         tok_sft(format_prompt(cfg.data.prompt_template, q), add_special_tokens=False)["input_ids"] for q in qs
     ]
-    sft_batches = sample(model, tok_sft, qs, sft_query_ids, max_new, bs, sampling, seed, device)
+    with precision.autocast(cfg.mixed_precision, device):
+        sft_batches = sample(model, tok_sft, qs, sft_query_ids, max_new, bs, sampling, seed, device)
     if same_vocab:
         logp_ref = response_logprob_sums(model, ppo_batches, device)
         kl = (logp_ppo - logp_ref).tolist()
@@ -299,7 +301,8 @@ def compare(
     # 3. Reward model (the proxy) and gold scorer (the truth, synthetic data only) ------
     scorer = RewardScorer.from_pretrained(rm_path, device=device, batch_size=int(cfg.ppo.reward_batch_size),
                                           max_length=int(cfg.rm.max_length),  # as PPO scores
-                                          template=cfg.data.prompt_template, quant_cfg=cfg.quantization)
+                                          template=cfg.data.prompt_template, quant_cfg=cfg.quantization,
+                                          mixed_precision=cfg.mixed_precision)
     reward_ppo = scorer.score(qs, ppo_texts).tolist()
     reward_sft = scorer.score(qs, sft_texts).tolist()
     del scorer

@@ -78,14 +78,14 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     reward = RewardScorer.from_pretrained(
         rm_path, device=ctx.device, batch_size=int(cfg.ppo.reward_batch_size),
         max_length=int(cfg.rm.max_length),  # score texts as the RM saw them in training
-        template=cfg.data.prompt_template, quant_cfg=cfg.quantization,
+        template=cfg.data.prompt_template, quant_cfg=cfg.quantization, mixed_precision=cfg.mixed_precision,
     )
     prompts = PromptSource(list(splits.rl["question"]), list(splits.rl["query"]), tok,
                            int(cfg.ppo.max_prompt_length), seed)
     trainer = PPOTrainer(
         cfg.ppo, policy, tok, reward.score, prompts, ctx.device, seed,
         checkpoint_dir=work_dir / "checkpoints", tracker=ctx.tracker, gold_scorer=gold,
-        samples_path=ctx.run_dir / "ppo_samples.jsonl",
+        samples_path=ctx.run_dir / "ppo_samples.jsonl", mixed_precision=cfg.mixed_precision,
     )
     resumed_from = trainer.resume() if cfg.ppo.resume else 0
     history = trainer.train(on_step=lambda s: ctx.metrics.update({"ppo/last_step": s["ppo/step"]}))

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from stackllama import artifacts, distributed
+from stackllama import artifacts, distributed, precision
 from stackllama.reward import RewardScorer, encode_reward_texts, format_text, pairwise_metrics
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,7 @@ def reward_config(cfg: Any, ctx: Any, work_dir: Path, num_pairs: int):
         **checkpointing_kwargs(bool(rm.gradient_checkpointing)),
         center_rewards_coefficient=None,
         disable_dropout=False,  # honour rm.lora.dropout (the article's 0.1)
-        bf16=False,
-        fp16=False,
+        **precision.trainer_flags(cfg.mixed_precision),
         use_cpu=ctx.device.type == "cpu",
         report_to="none",
         save_strategy="no",
@@ -254,9 +253,9 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     metrics.update(count_parameters(model))
     main = distributed.is_main()  # under DDP every rank trains; rank 0 alone evaluates and saves
 
-    def scorer(net: Any) -> RewardScorer:
+    def scorer(net: Any, mixed_precision: str = cfg.mixed_precision) -> RewardScorer:
         return RewardScorer(net, tokenizer, template, batch_size=int(rm.eval_batch_size),
-                            max_length=max_length, device=ctx.device)
+                            max_length=max_length, device=ctx.device, mixed_precision=mixed_precision)
 
     started = time.time()
     before = {"accuracy": float("nan"), "margin": float("nan")}
@@ -312,10 +311,14 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     if gold is not None:
         metrics["eval/gold_accuracy"] = gold_accuracy(gold, evaluation)
 
-    # Merge and save; then reload the folder and check it scores as the trained model did.
+    # Merge and save; then reload the folder and check it scores as the trained model did
+    # (without autocast, so the check is not blurred by bf16 rounding).
     k = min(MERGE_CHECK_TEXTS, len(evaluation))
     check = evaluation.select(range(k))
-    expected = chosen[:k]  # scores come back in input order
+    if cfg.mixed_precision == "no":
+        expected = chosen[:k]  # scores come back in input order
+    else:
+        expected = scorer(model, "no").score(list(check["question"]), list(check["chosen"]))
     metrics["merge/method"] = save_merged(cfg, model, tokenizer, base_path, work_dir, out_dir)
     del trainer, model
     reloaded = RewardScorer.from_pretrained(out_dir, device=ctx.device, batch_size=int(rm.eval_batch_size),

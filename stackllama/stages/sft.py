@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-from stackllama import distributed, sft_utils
+from stackllama import distributed, precision, sft_utils
 from stackllama.models.loader import load_model, load_tokenizer, model_folder, torch_dtype
 from stackllama.tracking import trainer_callback
 
@@ -120,6 +120,9 @@ def training_args(cfg: Any, ctx: Any, work_dir: Path):
 
     sft = cfg.sft
     on_cuda = ctx.device.type == "cuda"
+    mixed = cfg.mixed_precision  # autocast over model.dtype weights; bf16 weights on CUDA imply it
+    if mixed == "no" and on_cuda and cfg.model.dtype == "bfloat16":
+        mixed = "bf16"
     return SFTConfig(
         output_dir=str(work_dir / CHECKPOINTS),
         max_steps=int(sft.max_steps),
@@ -136,7 +139,7 @@ def training_args(cfg: Any, ctx: Any, work_dir: Path):
         seed=int(cfg.seed),
         report_to="none",  # our TrackerCallback forwards the logs
         use_cpu=not on_cuda,
-        bf16=on_cuda and cfg.model.dtype == "bfloat16",
+        **precision.trainer_flags(mixed),
         dataset_text_field="text",
         max_length=int(sft.seq_length),
         packing=bool(sft.packing),

@@ -1,0 +1,65 @@
+"""Mixed precision: one run-wide setting, ``mixed_precision`` = no | bf16 | fp16.
+
+As in accelerate (whose ``mixed_precision`` this mirrors): weights, optimizer state and
+the trained adapters stay in ``model.dtype``; matmuls run in the lower precision under
+``torch.autocast``. The Trainer-based stages (sft, rm) get Trainer's ``bf16``/``fp16``
+flags, which turn on the same autocast; our own loops (PPO, scoring, generation) enter
+``autocast`` themselves.
+
+bf16 on CPU is fast only where the CPU has bf16 instructions (AVX512-BF16 or AMX);
+``cpu_has_fast_bf16`` says so and the run logs a warning otherwise. fp16 autocast needs CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MODES = ("no", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """Whether /proc/cpuinfo lists a native bf16 instruction set (unknown counts as no)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def check(mode: str, device: torch.device) -> None:
+    """Fail early on a mode the device cannot run; warn where it runs but slowly."""
+    if mode not in MODES:
+        raise ValueError(f"mixed_precision={mode!r} is not valid; choose one of: {', '.join(MODES)}")
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("mixed_precision=fp16 needs a CUDA device; on CPU use bf16 or no")
+    if mode == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        log.warning("mixed_precision=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated "
+                    "and may be slower than mixed_precision=no")
+    if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("mixed_precision=bf16: this GPU does not support bfloat16; use fp16 or no")
+
+
+def autocast(mode: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``mode`` on ``device`` (a no-op context for ``no``)."""
+    if mode == "no":
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=_DTYPES[mode])
+
+
+def trainer_flags(mode: str) -> dict[str, Any]:
+    """``TrainingArguments`` flags for ``mode`` (the Trainer enters the autocast itself)."""
+    return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
+
+
+__all__ = ["MODES", "autocast", "check", "cpu_has_fast_bf16", "trainer_flags"]
