@@ -143,6 +143,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
         "ppo.stop_at_eos=false", "ppo.top_k=0", "ppo.top_p=1.0", "ppo.temperature=1.0",
         f"ppo.learning_rate={spec['learning_rate']}", f"ppo.kl_coef={spec['kl_coef']}",
         "ppo.sample_every=0", "ppo.save_every=0", f"ppo.reward_batch_size={B}", "ppo.max_prompt_length=1024",
+        "mixed_precision=no",  # TRL's side runs fp32; --ours mixed_precision=bf16 for our bf16 figure
         *spec.get("ours_overrides", []),
     ]
     cfg = common.compose(overrides)
@@ -150,11 +151,12 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(spec["seed"])
     policy, tok = load_policy(cfg, Path(spec["base_model"]), device)
-    scorer = RewardScorer.from_pretrained(spec["reward_model"], device=device, batch_size=B, template=spec["template"])
+    scorer = RewardScorer.from_pretrained(spec["reward_model"], device=device, batch_size=B, template=spec["template"],
+                                          mixed_precision=cfg.mixed_precision)
     prompts = PromptSource(spec["questions"], spec["queries"], tok, 1024, spec["seed"])
     with tempfile.TemporaryDirectory(prefix="bench_ppo_ours_") as tmp:
         trainer = PPOTrainer(cfg.ppo, policy, tok, sampler.wrap(scorer.score, lambda *a, **k: "score"), prompts,
-                             device, spec["seed"], Path(tmp) / "ckpt")
+                             device, spec["seed"], Path(tmp) / "ckpt", mixed_precision=cfg.mixed_precision)
         trainer._forward_no_grad = sampler.wrap(trainer._forward_no_grad, lambda *a, **k: "forward")
         trainer._optimize = sampler.wrap(trainer._optimize, lambda *a, **k: "optimize")
         setup_s = time.perf_counter() - t0

@@ -53,7 +53,9 @@ def compose(model: str, overrides: list[str]):
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=config_dir()):
-        return hydra_compose(config_name="config", overrides=[f"model={model}", "logger=none", *overrides])
+        # fp32 unless overridden: the MFU row divides by bench_hardware's fp32 peak
+        overrides = [f"model={model}", "logger=none", "mixed_precision=no", *overrides]
+        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def run_once(cfg, packing: bool, steps: int, train_ds, base_path, tokenizer) -> dict:

@@ -14,6 +14,7 @@ in bench/results/<name>.json):
     generation  bench_generation.py  batched KV-cached rollouts vs a one-prompt-at-a-time loop (tiny, SmolLM2)
     sft         bench_sft.py         SFT packing vs no packing (SmolLM2-135M + LoRA)
     hardware    bench_hardware.py    fp32 matmul peak, SFT MFU, int8+LoRA memory per billion parameters
+    precision   bench_precision.py   bf16 autocast vs fp32: LoRA train step and forward (SmolLM2-135M)
     pipeline    bench_pipeline.py    python -m stackllama stage=all from an empty cache (--pipeline)
 
 Every speed figure is a ratio to a baseline measured in the same run, the two alternated.
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 R = common.RESULTS
-SUITE = ("ppo", "generation", "sft", "hardware", "pipeline")
+SUITE = ("ppo", "generation", "sft", "hardware", "precision", "pipeline")
 
 
 def plan(quick: bool, large: bool = False) -> dict[str, list[list[str]]]:
@@ -51,6 +52,7 @@ def plan(quick: bool, large: bool = False) -> dict[str, list[list[str]]]:
             ],
             "sft": [[py, str(b / "bench_sft.py"), "--steps", "2", "--repeats", "1"]],
             "hardware": [hardware],
+            "precision": [[py, str(b / "bench_precision.py"), "--repeats", "1"]],
             "pipeline": [[py, str(b / "bench_pipeline.py")]],
         }
     return {
@@ -63,6 +65,7 @@ def plan(quick: bool, large: bool = False) -> dict[str, list[list[str]]]:
         ],
         "sft": [[py, str(b / "bench_sft.py"), "--steps", "3", "--repeats", "2"]],
         "hardware": [hardware],
+        "precision": [[py, str(b / "bench_precision.py"), "--repeats", "3"]],
         "pipeline": [[py, str(b / "bench_pipeline.py")]],
     }
 
@@ -162,6 +165,15 @@ def build_table(results: dict) -> str:
                          f"files): {fmt(run.get('gb_per_b_params_anon'))} GB/B, weights "
                          f"{fmt(run.get('gb_per_b_params_weights_only_anon'))} GB/B; seq {run['seq_length']} x batch "
                          f"{run['batch_size']}, CPU |")
+    prec = results.get("precision")
+    if prec:
+        for kind, label in (("train", "LoRA train step (fwd+bwd)"), ("forward", "forward (no grad)")):
+            p = prec["summary"][kind]
+            lines.append(f"| bf16 autocast tokens/s, {label} | {p['bf16_tokens_per_second']:.0f} | fp32 "
+                         f"{p['fp32_tokens_per_second']:.0f} | **{p['ratio']:.2f}x** (per repeat "
+                         f"{', '.join(f'{x:.2f}' for x in p['ratio_per_repeat'])}) | | {prec['model']}, batch "
+                         f"{prec['batch']} x {prec['seq']} tokens, CPU bf16 instructions: "
+                         f"{'yes' if prec['cpu_has_fast_bf16'] else 'no'} |")
     pipe = results.get("pipeline")
     if pipe:
         stages = ", ".join(f"{k.split('/')[-1].removesuffix('_s')} {v:.0f}s" for k, v in pipe["stage_times_s"].items()
@@ -190,7 +202,7 @@ def collect(quick: bool, steps: dict) -> dict:
     }
     for key, fname in (("ppo", "ppo.json"), ("generation_tiny", "generation_tiny.json"),
                        ("generation_smollm2-135m", "generation_smollm2-135m.json"), ("sft", "sft.json"),
-                       ("hardware", "hardware.json"), ("pipeline", "pipeline.json"), ("hardware_gpu", "hardware_gpu.json")):
+                       ("hardware", "hardware.json"), ("precision", "precision.json"), ("pipeline", "pipeline.json"), ("hardware_gpu", "hardware_gpu.json")):
         data = load(fname)
         if data is not None:
             results[key] = data

@@ -63,6 +63,8 @@ def key_material(stage: str, cfg: Any) -> dict[str, Any]:
         "quantization": _section(cfg, "quantization"),
         "seed": int(cfg.seed),
     }
+    if cfg.mixed_precision != "no":  # absent when off, so fp32 keys stay as they were before the setting
+        material["mixed_precision"] = str(cfg.mixed_precision)
     if stage == "sft":
         material["lora"] = _section(cfg, "lora")
         material["sft"] = _section(cfg, "sft")

@@ -216,6 +216,8 @@ class PPOConfig:
     # CPU + glibc only: allocations above this many MiB are mmapped and returned on free: lowest
     # peak RSS, but each costs fresh page faults (1 MiB: 1.8x slower PPO on the tiny model).
     malloc_mmap_threshold_mb: Optional[int] = None
+    # no | bf16 | fp16 for this stage's rollouts and passes; None: the run-wide mixed_precision
+    mixed_precision: Optional[str] = None
     # Bookkeeping
     log_every: int = 1
     sample_every: int = 10
@@ -305,6 +307,9 @@ def validate_choices(cfg: Any) -> None:
         raise ValueError("ppo.min_new_tokens must be < ppo.max_new_tokens (the range is [min, max))")
     if cfg.ppo.batch_size % cfg.ppo.mini_batch_size:
         raise ValueError("ppo.batch_size must be a multiple of ppo.mini_batch_size")
+    if cfg.ppo.mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise ValueError(f"ppo.mixed_precision={cfg.ppo.mixed_precision!r} is not valid; choose one of: "
+                         "null (the run-wide mixed_precision), no, bf16, fp16")
     if cfg.ppo.head_chunk_size < 1:
         raise ValueError(f"ppo.head_chunk_size must be >= 1, got {cfg.ppo.head_chunk_size}")
 

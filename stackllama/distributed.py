@@ -374,7 +374,9 @@ def trained_model_on_main(trainer: Any, rebuild: Callable[[], Any]) -> Any:
             return None
         # Under Trainer's bf16/fp16 flags accelerate patched the model's forward with autocast;
         # later scoring, merging and generation choose their own precision.
-        return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        from accelerate.utils import extract_model_from_parallel
+
+        return extract_model_from_parallel(trainer.model, keep_fp32_wrapper=False)
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective; full on rank 0
     if not current().is_main:
         return None

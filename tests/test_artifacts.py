@@ -174,6 +174,8 @@ def test_upstream_setting_changes_every_downstream_key(tmp_path):
     assert all(data[s] != base[s] for s in base)
     seed = _keys(tmp_path, "seed=1")
     assert all(seed[s] != base[s] for s in base)
+    precisions = {mode: _keys(tmp_path, f"mixed_precision={mode}") for mode in ("no", "bf16")}
+    assert all(precisions["no"][s] != precisions["bf16"][s] for s in base)  # bf16 training is another model
 
 
 def test_ppo_setting_changes_only_the_ppo_key(tmp_path):

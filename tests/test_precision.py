@@ -36,3 +36,14 @@ def test_config_rejects_an_unknown_mixed_precision():
 
     with pytest.raises(ValueError, match="mixed_precision='fp8' is not valid"):
         validate_choices(compose_cfg(["mixed_precision=fp8"]))
+
+
+def test_ppo_may_keep_its_own_precision():
+    from stackllama.config import validate_choices
+
+    cfg = compose_cfg(["mixed_precision=bf16", "ppo.mixed_precision=no"])
+    validate_choices(cfg)
+    assert (cfg.ppo.mixed_precision or cfg.mixed_precision) == "no"
+    assert compose_cfg(["ppo.mixed_precision=null"]).ppo.mixed_precision is None
+    with pytest.raises(ValueError, match="ppo.mixed_precision='fp8' is not valid"):
+        validate_choices(compose_cfg(["ppo.mixed_precision=fp8"]))

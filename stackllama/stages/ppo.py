@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from stackllama import artifacts, distributed
+from stackllama import artifacts, distributed, precision
 from stackllama.data import build_dataset, gold_scorer
 from stackllama.models.loader import count_parameters, load_model, load_tokenizer
 from stackllama.models.merge import merge_adapter_into_base
@@ -68,6 +68,8 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     gold = gold_scorer(cfg.data)
 
     policy, tok = load_policy(cfg, sft_path, ctx.device)
+    mixed = cfg.ppo.mixed_precision or cfg.mixed_precision
+    precision.check(mixed, ctx.device)
     dist = distributed.current()
     # Data parallel: the same starting weights everywhere, a different stream of prompts,
     # lengths and samples on each rank (rank 0 keeps the single-process seeds).
@@ -78,14 +80,14 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     reward = RewardScorer.from_pretrained(
         rm_path, device=ctx.device, batch_size=int(cfg.ppo.reward_batch_size),
         max_length=int(cfg.rm.max_length),  # score texts as the RM saw them in training
-        template=cfg.data.prompt_template, quant_cfg=cfg.quantization, mixed_precision=cfg.mixed_precision,
+        template=cfg.data.prompt_template, quant_cfg=cfg.quantization, mixed_precision=mixed,
     )
     prompts = PromptSource(list(splits.rl["question"]), list(splits.rl["query"]), tok,
                            int(cfg.ppo.max_prompt_length), seed)
     trainer = PPOTrainer(
         cfg.ppo, policy, tok, reward.score, prompts, ctx.device, seed,
         checkpoint_dir=work_dir / "checkpoints", tracker=ctx.tracker, gold_scorer=gold,
-        samples_path=ctx.run_dir / "ppo_samples.jsonl", mixed_precision=cfg.mixed_precision,
+        samples_path=ctx.run_dir / "ppo_samples.jsonl", mixed_precision=mixed,
     )
     resumed_from = trainer.resume() if cfg.ppo.resume else 0
     history = trainer.train(on_step=lambda s: ctx.metrics.update({"ppo/last_step": s["ppo/step"]}))
