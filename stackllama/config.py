@@ -275,6 +275,8 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, logged as-is
 
 
+MIXED_PRECISION = ("no", "bf16", "fp16")  # stackllama/precision.py
+
 CHOICES = {
     "stage.name": STAGES,
     "quantization.mode": ("none", "int8", "nf4"),
@@ -287,7 +289,7 @@ CHOICES = {
     "rm.lora.task_type": ("CAUSAL_LM", "SEQ_CLS"),
     "ppo.kl_estimator": ("k1", "k2", "k3", "abs"),
     "device": ("auto", "cpu", "cuda"),
-    "mixed_precision": ("no", "bf16", "fp16"),
+    "mixed_precision": MIXED_PRECISION,
 }
 
 
@@ -307,9 +309,9 @@ def validate_choices(cfg: Any) -> None:
         raise ValueError("ppo.min_new_tokens must be < ppo.max_new_tokens (the range is [min, max))")
     if cfg.ppo.batch_size % cfg.ppo.mini_batch_size:
         raise ValueError("ppo.batch_size must be a multiple of ppo.mini_batch_size")
-    if cfg.ppo.mixed_precision not in (None, "no", "bf16", "fp16"):
+    if cfg.ppo.mixed_precision not in (None, *MIXED_PRECISION):
         raise ValueError(f"ppo.mixed_precision={cfg.ppo.mixed_precision!r} is not valid; choose one of: "
-                         "null (the run-wide mixed_precision), no, bf16, fp16")
+                         f"null (the run-wide mixed_precision), {', '.join(MIXED_PRECISION)}")
     if cfg.ppo.head_chunk_size < 1:
         raise ValueError(f"ppo.head_chunk_size must be >= 1, got {cfg.ppo.head_chunk_size}")
 

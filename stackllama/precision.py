@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from stackllama.config import MIXED_PRECISION as MODES
+
 log = logging.getLogger(__name__)
 
-MODES = ("no", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
