@@ -152,17 +152,19 @@ def training_args(cfg: Any, ctx: Any, work_dir: Path):
 
 
 def checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
-    """Training arguments that turn activation checkpointing on; none when off.
+    """Training arguments that turn activation checkpointing on or off, explicitly either way.
 
-    transformers 5.24 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` and
-    warns on the old name, even when it is False; older releases know only the old one.
+    TRL's configs default ``gradient_checkpointing`` to True (transformers' to False), so
+    leaving the flag out when it is off still checkpoints: every layer's forward runs twice.
+    transformers 5.24 renamed it ``activation_checkpointing`` and warns on the old name,
+    even when it is False; older releases know only the old one.
     """
-    if not enabled:
-        return {}
     from transformers import TrainingArguments
 
     name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"
+    if not enabled:
+        return {name: False}
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
