@@ -283,11 +283,11 @@ def test_too_long_pairs_are_dropped_and_counted():
     assert none_dropped == 0
 
 
-def test_length_bucket_sampler_is_a_shuffled_permutation_of_similar_length_batches():
-    from stackllama.stages.rm import LengthBucketSampler
+def test_grouped_pair_sampler_is_a_shuffled_permutation_of_similar_length_batches():
+    from stackllama.stages.rm_batches import GroupedPairSampler
 
     lengths = [random.Random(i).randint(10, 200) for i in range(37)]
-    sampler = LengthBucketSampler(lengths, batch_size=4, seed=0)
+    sampler = GroupedPairSampler([[i] for i in range(37)], lengths, batch_size=4, seed=0)
     first, second = list(sampler), list(sampler)
     assert sorted(first) == list(range(37)) and sorted(second) == list(range(37))
     assert first != second  # a new batch order each epoch
@@ -295,6 +295,63 @@ def test_length_bucket_sampler_is_a_shuffled_permutation_of_similar_length_batch
     spread = sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches)
     assert spread < 0.25 * sum(max(lengths) - min(lengths) for _ in batches)
     assert [lengths[b[0]] for b in batches] != sorted(lengths[b[0]] for b in batches)  # not long-to-short
+
+
+def test_grouped_pair_sampler_keeps_a_question_s_pairs_together():
+    from stackllama.stages.rm_batches import GroupedPairSampler
+
+    rng = random.Random(0)
+    groups, start = [], 0
+    for _ in range(20):
+        size = rng.randint(1, 6)
+        groups.append(list(range(start, start + size)))
+        start += size
+    sampler = GroupedPairSampler(groups, [rng.randint(10, 99) for _ in groups], batch_size=8, seed=1)
+    stream = list(sampler)
+    assert sorted(stream) == list(range(start))
+    batch_of = {pair: k // 8 for k, pair in enumerate(stream)}
+    for g in groups:  # a group of <= 8 pairs lands in one batch, or two where it crosses a cut
+        assert len({batch_of[i] for i in g}) <= 2, g
+    assert sum(len({batch_of[i] for i in g}) == 1 for g in groups) >= len(groups) // 2
+
+
+def test_dedup_collator_gives_trl_s_pair_rewards_with_fewer_forwards():
+    """Same pairs, TRL's collator vs ours: identical logits per pair row, fewer rows forwarded."""
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    from stackllama.stages.rm_batches import DedupPreferenceCollator, _ExpandedModel
+
+    _, folder = _tiny()
+    tok = load_tokenizer(folder, padding_side="right")
+    model = load_model(folder, "seq_cls", compose_cfg(["model=tiny"]).quantization, None, tokenizer=tok,
+                       trainable=False)
+    ids = encode_reward_texts(tok, [format_text(TEMPLATE, QUESTIONS[0], a) for a in ANSWERS])
+    # question 0's answers ranked 0 > 1 > 2 and 3 > 4: 4 pairs over 5 texts (TRL forwards 8)
+    examples = [{"chosen_ids": ids[c], "rejected_ids": ids[r]} for c, r in [(0, 1), (0, 2), (1, 2), (3, 4)]]
+    theirs = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(examples)
+    ours = DedupPreferenceCollator(tok.pad_token_id)(examples)
+    assert theirs["input_ids"].shape[0] == 8 and ours["input_ids"].shape[0] == 5
+    assert len({len(x) for x in ids}) > 2  # answers of different lengths: chunks are trimmed differently
+    with torch.no_grad():
+        expected = model(input_ids=theirs["input_ids"], attention_mask=theirs["attention_mask"]).logits
+        index = ours.pop("pair_index")
+        got = _ExpandedModel(model, index)(**ours).logits
+        chunked = _ExpandedModel(model, index, chunk_size=2)(**ours).logits  # 3 forwards, own widths
+    assert got.shape == expected.shape == chunked.shape == (8, 1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked, expected, atol=1e-5, rtol=1e-5)
+
+    def grads(forward, batch):
+        model.zero_grad()
+        r_chosen, r_rejected = torch.chunk(forward(**batch).logits.squeeze(-1), 2)
+        (-torch.nn.functional.logsigmoid(r_chosen - r_rejected).mean()).backward()  # TRL's loss
+        return [p.grad.clone() for p in model.parameters()]
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    theirs.pop("margin", None)
+    for a, b in zip(grads(model, theirs), grads(_ExpandedModel(model, index, chunk_size=2), ours)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------
@@ -401,3 +458,42 @@ def test_rm_stage_builds_on_the_sft_artifact(tmp_path):
     rm.run(cfg, ctx)
     m = ctx.metrics.values
     assert "/sft/" in m["upstream/sft/path"] and 0.0 <= m["eval/accuracy"] <= 1.0
+
+
+def test_grouped_cap_keeps_whole_questions():
+    from stackllama.stages.rm import encode_train_pairs, pair_groups
+
+    _, folder = _tiny()
+    tok = load_tokenizer(folder)
+    rows = {"question": [], "chosen": [], "rejected": [], "chosen_pm": [], "rejected_pm": []}
+    for q in range(6):
+        for k in range(3):  # 3 pairs per question over 3 answers: a > b > c
+            c, r = [("a", "b"), ("a", "c"), ("b", "c")][k]
+            rows["question"].append(f"Question {q}?")
+            rows["chosen"].append(f"answer {c} to {q}")
+            rows["rejected"].append(f"answer {r} to {q}")
+            rows["chosen_pm"].append(2)
+            rows["rejected_pm"].append(0)
+    data = datasets.Dataset.from_dict(rows)
+    cols, dropped, examined = encode_train_pairs(data, tok, TEMPLATE, None, 9, seed=0, group_by_question=True)
+    assert (len(cols["chosen_ids"]), dropped, examined) == (9, 0, 9)
+    groups, lengths = pair_groups(cols, True)
+    assert sorted(len(g) for g in groups) == [3, 3, 3] and len(lengths) == 3
+    # 9 pairs of 3 questions: 18 token sequences, 9 distinct
+    assert len({tuple(x) for x in cols["chosen_ids"] + cols["rejected_ids"]}) == 9
+    singles, _ = pair_groups(cols, False)
+    assert singles == [[i] for i in range(9)]
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_gradient_checkpointing_setting_reaches_the_trainers(tmp_path, enabled):
+    """TRL's configs default gradient checkpointing to True: `false` must be passed, not left out."""
+    from stackllama.stages.rm import reward_config
+    from stackllama.stages.sft import training_args
+
+    cfg = compose_cfg(["model=tiny", "logger=none", f"rm.gradient_checkpointing={enabled}",
+                       f"sft.gradient_checkpointing={enabled}"])
+    ctx = _ctx(tmp_path)
+    for args in (reward_config(cfg, ctx, tmp_path, 8), training_args(cfg, ctx, tmp_path)):
+        assert args.gradient_checkpointing is enabled, type(args).__name__
+        assert getattr(args, "activation_checkpointing", enabled) is enabled

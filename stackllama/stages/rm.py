@@ -6,6 +6,10 @@ trained by TRL's ``RewardTrainer`` on ``-log sigmoid(r_chosen - r_rejected)`` ov
 answers to the same question from the ``reward`` split. Each text is the prompt template
 filled with question and answer; TRL appends EOS and we tokenize exactly as it would.
 
+* With ``rm.group_by_question`` (default) the pairs of one question share a batch and each
+  distinct answer text is forwarded once per batch (``stackllama.stages.rm_batches``): TRL's
+  loss on the same pairs at ~1/2.5 of the forwards, optionally in length-sorted chunks
+  (``rm.forward_chunk_size``). A cap (``rm.max_train_pairs``) then keeps whole questions.
 * Pairs where the chosen or rejected text is longer than ``rm.max_length`` tokens are
   dropped *before* training and counted (``data/dropped_too_long``: among the pairs
   examined in shuffled order until ``rm.max_train_pairs`` were kept).
@@ -37,6 +41,7 @@ import torch
 
 from stackllama import artifacts, distributed, precision
 from stackllama.reward import RewardScorer, encode_reward_texts, format_text, pairwise_metrics
+from stackllama.stages.rm_batches import DedupPreferenceCollator, grouped_reward_trainer
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +56,38 @@ def _shuffled(n: int, seed: int) -> list[int]:
 
 def encode_train_pairs(
     dataset: Any, tokenizer: Any, template: str, max_length: int | None, cap: int | None, seed: int,
-    chunk: int = 512,
+    chunk: int = 512, group_by_question: bool = False,
 ) -> tuple[dict[str, list], int, int]:
     """Token ids of ``cap`` pairs (all when None) no longer than ``max_length``, in shuffled order.
 
     Returns ``(columns, dropped_too_long, examined)``: columns hold ``chosen_ids`` and
-    ``rejected_ids`` as TRL's RewardTrainer would build them (template + EOS, tokenized).
+    ``rejected_ids`` as TRL's RewardTrainer would build them (template + EOS, tokenized) and
+    ``group``, the index of each kept pair's question. With ``group_by_question`` the
+    questions are shuffled and each one's pairs taken together (so a cap keeps whole
+    questions and their shared answers); otherwise the pairs are shuffled one by one.
     """
-    order = _shuffled(len(dataset), seed)
-    cols: dict[str, list] = {"chosen_ids": [], "rejected_ids": []}
+    if group_by_question:
+        by_question: dict[str, list[int]] = {}
+        for i, q in enumerate(dataset["question"]):
+            by_question.setdefault(q, []).append(i)
+        blocks = list(by_question.values())
+        order = [i for b in _shuffled(len(blocks), seed) for i in blocks[b]]
+    else:
+        order = _shuffled(len(dataset), seed)
+    questions = dataset["question"]
+    group_of: dict[str, int] = {}
+    cols: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "group": []}
     dropped = examined = 0
     limit = len(order) if cap is None else int(cap)
     for start in range(0, len(order), chunk):
         if len(cols["chosen_ids"]) >= limit:
             break
-        rows = dataset.select(order[start:start + chunk])
+        idx = order[start:start + chunk]
+        rows = dataset.select(idx)
         qs = rows["question"]
         chosen = encode_reward_texts(tokenizer, [format_text(template, q, a) for q, a in zip(qs, rows["chosen"])])
         rejected = encode_reward_texts(tokenizer, [format_text(template, q, a) for q, a in zip(qs, rows["rejected"])])
-        for c, r in zip(chosen, rejected):
+        for i, c, r in zip(idx, chosen, rejected):
             if len(cols["chosen_ids"]) >= limit:
                 break
             examined += 1
@@ -78,7 +96,20 @@ def encode_train_pairs(
                 continue
             cols["chosen_ids"].append(list(c))
             cols["rejected_ids"].append(list(r))
+            cols["group"].append(group_of.setdefault(questions[i], len(group_of)))
     return cols, dropped, examined
+
+
+def pair_groups(cols: dict[str, list], group_by_question: bool) -> tuple[list[list[int]], list[int]]:
+    """Pair indices per question (or one per pair) and each group's longest text, for the sampler."""
+    lengths = [max(len(c), len(r)) for c, r in zip(cols["chosen_ids"], cols["rejected_ids"])]
+    if not group_by_question:
+        return [[i] for i in range(len(lengths))], lengths
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(cols["group"]):
+        groups.setdefault(g, []).append(i)
+    members = list(groups.values())
+    return members, [max(lengths[i] for i in m) for m in members]
 
 
 def eval_pairs(dataset: Any, cap: int | None, seed: int) -> Any:
@@ -89,9 +120,14 @@ def eval_pairs(dataset: Any, cap: int | None, seed: int) -> Any:
 
 
 def evaluate_pairs(scorer: RewardScorer, pairs: Any) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Pairwise metrics and the chosen/rejected scores; each distinct (question, answer) scored once."""
     qs = list(pairs["question"])
-    chosen = scorer.score(qs, list(pairs["chosen"]))
-    rejected = scorer.score(qs, list(pairs["rejected"]))
+    texts = list(zip(qs, pairs["chosen"])) + list(zip(qs, pairs["rejected"]))
+    distinct = list(dict.fromkeys(texts))
+    scores = scorer.score([q for q, _ in distinct], [a for _, a in distinct])
+    row = {t: i for i, t in enumerate(distinct)}
+    both = scores[torch.tensor([row[t] for t in texts], dtype=torch.long)] if texts else scores
+    chosen, rejected = both[:len(qs)], both[len(qs):]
     return pairwise_metrics(chosen, rejected), chosen, rejected
 
 
@@ -100,51 +136,6 @@ def gold_accuracy(gold: Any, pairs: Any) -> float:
     good = torch.tensor(gold(qs, list(pairs["chosen"])), dtype=torch.float64)
     bad = torch.tensor(gold(qs, list(pairs["rejected"])), dtype=torch.float64)
     return float((good > bad).double().mean()) if len(qs) else float("nan")
-
-
-class LengthBucketSampler(torch.utils.data.Sampler):
-    """Batches of pairs of similar length, in a random batch order (less padding on CPU).
-
-    The collator pads a batch's chosen and rejected texts to the longest of them, so random
-    batches waste much of their compute on padding; sorting alone would feed all long pairs
-    first, so the sorted batches are shuffled (a new order each epoch).
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths = list(lengths)
-        self.batch_size = max(1, int(batch_size))
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        rng = random.Random(f"{self.seed}-buckets-{self.epoch}")
-        self.epoch += 1
-        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], rng.random()))
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        # The DataLoader cuts this stream every batch_size indices: a short batch must stay last.
-        tail = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
-        rng.shuffle(batches)
-        batches += tail
-        for batch in batches:
-            yield from batch
-
-
-def reward_trainer_class():
-    """TRL's RewardTrainer with length-bucketed training batches."""
-    from trl import RewardTrainer
-
-    class BucketedRewardTrainer(RewardTrainer):
-        pair_lengths: list[int] | None = None
-
-        def _get_train_sampler(self, train_dataset=None):
-            if self.pair_lengths is None:
-                return super()._get_train_sampler(train_dataset)
-            return LengthBucketSampler(self.pair_lengths, self.args.per_device_train_batch_size, self.args.seed)
-
-    return BucketedRewardTrainer
 
 
 def longer_wins_accuracy(pairs: Any) -> float:
@@ -227,8 +218,9 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     metrics.update(splits.stats)
     tokenizer = load_tokenizer(base_path, padding_side="right")
 
+    grouped = bool(rm.group_by_question)
     cols, dropped, examined = encode_train_pairs(splits.reward, tokenizer, template, max_length,
-                                                 rm.max_train_pairs, seed)
+                                                 rm.max_train_pairs, seed, group_by_question=grouped)
     if not cols["chosen_ids"]:
         raise ValueError(f"no reward pairs left to train on: {dropped} of {examined} examined are longer than "
                          f"rm.max_length={max_length} tokens")
@@ -241,8 +233,9 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
         "data/dropped_too_long": dropped,
         "data/examined_pairs": examined,
     })
-    log.info("rm: %d training pairs (%d of %d examined dropped as longer than %d tokens), %d eval pairs",
-             len(cols["chosen_ids"]), dropped, examined, max_length, len(evaluation))
+    log.info("rm: %d training pairs (%d of %d examined dropped as longer than %d tokens), %d eval pairs%s",
+             len(cols["chosen_ids"]), dropped, examined, max_length, len(evaluation),
+             ", pairs grouped by question" if grouped else "")
 
     def load() -> Any:
         return load_model(base_path, "seq_cls", cfg.quantization, rm.lora, dtype=cfg.model.dtype,
@@ -268,15 +261,17 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
 
     import datasets
 
-    train_set = datasets.Dataset.from_dict(cols)
+    train_set = datasets.Dataset.from_dict({k: cols[k] for k in ("chosen_ids", "rejected_ids")})
+    groups, group_lengths = pair_groups(cols, grouped)
+    distinct = len({tuple(x) for x in cols["chosen_ids"] + cols["rejected_ids"]})
+    metrics["data/train_texts"] = distinct  # forwards per epoch when grouped (2 per pair when not)
     dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-    trainer_cls = reward_trainer_class()
-    trainer_cls.pair_lengths = [max(len(c), len(r)) for c, r in zip(cols["chosen_ids"], cols["rejected_ids"])]
-    trainer = trainer_cls(
+    trainer = grouped_reward_trainer(groups, group_lengths, rm.forward_chunk_size)(
         model=model,
         args=reward_config(cfg, ctx, work_dir, len(train_set)),
         train_dataset=train_set,
         processing_class=tokenizer,
+        data_collator=DedupPreferenceCollator(tokenizer.pad_token_id) if grouped else None,
         callbacks=[trainer_callback(ctx.tracker)],
     )
     # On a quantized base TRL casts the trainable weights (adapters and the score head) to
