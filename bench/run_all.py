@@ -15,6 +15,7 @@ in bench/results/<name>.json):
     sft         bench_sft.py         SFT packing vs no packing (SmolLM2-135M + LoRA)
     hardware    bench_hardware.py    fp32 matmul peak, SFT MFU, int8+LoRA memory per billion parameters
     precision   bench_precision.py   bf16 autocast vs fp32: LoRA train step and forward (SmolLM2-135M)
+    rm          bench_rm.py          RM training: question-grouped, deduplicated batches vs TRL's RewardTrainer
     pipeline    bench_pipeline.py    python -m stackllama stage=all from an empty cache (--pipeline)
 
 Every speed figure is a ratio to a baseline measured in the same run, the two alternated.
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 R = common.RESULTS
-SUITE = ("ppo", "generation", "sft", "hardware", "precision", "pipeline")
+SUITE = ("ppo", "generation", "sft", "hardware", "precision", "rm", "pipeline")
 
 
 def plan(quick: bool, large: bool = False) -> dict[str, list[list[str]]]:
@@ -53,6 +54,7 @@ def plan(quick: bool, large: bool = False) -> dict[str, list[list[str]]]:
             "sft": [[py, str(b / "bench_sft.py"), "--steps", "2", "--repeats", "1"]],
             "hardware": [hardware],
             "precision": [[py, str(b / "bench_precision.py"), "--repeats", "1"]],
+            "rm": [[py, str(b / "bench_rm.py"), "--pairs", "64", "--repeats", "1"]],
             "pipeline": [[py, str(b / "bench_pipeline.py")]],
         }
     return {
@@ -66,6 +68,7 @@ def plan(quick: bool, large: bool = False) -> dict[str, list[list[str]]]:
         "sft": [[py, str(b / "bench_sft.py"), "--steps", "3", "--repeats", "2"]],
         "hardware": [hardware],
         "precision": [[py, str(b / "bench_precision.py"), "--repeats", "3"]],
+        "rm": [[py, str(b / "bench_rm.py"), "--pairs", "192", "--repeats", "2"]],
         "pipeline": [[py, str(b / "bench_pipeline.py")]],
     }
 
@@ -174,6 +177,16 @@ def build_table(results: dict) -> str:
                          f"{', '.join(f'{x:.2f}' for x in p['ratio_per_repeat'])}) | | {prec['model']}, batch "
                          f"{prec['batch']} x {prec['seq']} tokens, CPU bf16 instructions: "
                          f"{'yes' if prec['cpu_has_fast_bf16'] else 'no'} |")
+    rm = results.get("rm")
+    if rm:
+        s = rm["summary"]
+        tok = s["tokens_per_epoch"]
+        lines.append(f"| RM training pairs/s, grouped + deduplicated batches | {s['ours_pairs_per_second']:.2f} | "
+                     f"TRL RewardTrainer {s['baseline_pairs_per_second']:.2f} | **{s['ratio']:.2f}x** (per repeat "
+                     f"{', '.join(f'{x:.2f}' for x in s['ratio_per_repeat'])}) | | {rm['model']} + LoRA (rm), "
+                     f"{rm['pairs']} pairs of {rm['questions']} questions, batch {rm['batch']} pairs, chunks of "
+                     f"{rm['chunk']}, {rm['mixed_precision']}; tokens forwarded per epoch (padded) "
+                     f"{tok['ours']['padded']} vs {tok['baseline']['padded']} |")
     pipe = results.get("pipeline")
     if pipe:
         stages = ", ".join(f"{k.split('/')[-1].removesuffix('_s')} {v:.0f}s" for k, v in pipe["stage_times_s"].items()
@@ -202,7 +215,7 @@ def collect(quick: bool, steps: dict) -> dict:
     }
     for key, fname in (("ppo", "ppo.json"), ("generation_tiny", "generation_tiny.json"),
                        ("generation_smollm2-135m", "generation_smollm2-135m.json"), ("sft", "sft.json"),
-                       ("hardware", "hardware.json"), ("precision", "precision.json"), ("pipeline", "pipeline.json"), ("hardware_gpu", "hardware_gpu.json")):
+                       ("hardware", "hardware.json"), ("precision", "precision.json"), ("rm", "rm.json"), ("pipeline", "pipeline.json"), ("hardware_gpu", "hardware_gpu.json")):
         data = load(fname)
         if data is not None:
             results[key] = data
