@@ -23,6 +23,7 @@ Writes bench/results/rm.json.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -90,7 +91,6 @@ def main(argv: list[str] | None = None) -> dict:
     stream = list(GroupedPairSampler(groups, group_lengths, args.batch, int(cfg.seed)))
     ours_batches = [stream[i:i + args.batch] for i in range(0, len(stream), args.batch)]
     order = list(range(len(stream)))
-    import random
     random.Random(0).shuffle(order)
     trl_batches = [order[i:i + args.batch] for i in range(0, len(order), args.batch)]
     counts = {"baseline": token_counts(cols, trl_batches, False, None),

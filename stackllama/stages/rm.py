@@ -66,15 +66,15 @@ def encode_train_pairs(
     questions are shuffled and each one's pairs taken together (so a cap keeps whole
     questions and their shared answers); otherwise the pairs are shuffled one by one.
     """
+    questions = dataset["question"]
     if group_by_question:
         by_question: dict[str, list[int]] = {}
-        for i, q in enumerate(dataset["question"]):
+        for i, q in enumerate(questions):
             by_question.setdefault(q, []).append(i)
         blocks = list(by_question.values())
         order = [i for b in _shuffled(len(blocks), seed) for i in blocks[b]]
     else:
         order = _shuffled(len(dataset), seed)
-    questions = dataset["question"]
     group_of: dict[str, int] = {}
     cols: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "group": []}
     dropped = examined = 0

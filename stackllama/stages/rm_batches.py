@@ -140,19 +140,17 @@ class _ExpandedModel:
         return outputs
 
 
-def grouped_reward_trainer(pair_groups: list[list[int]] | None, group_lengths: list[int] | None,
-                           chunk_size: int | None = None):
+def grouped_reward_trainer(pair_groups: list[list[int]], group_lengths: list[int], chunk_size: int | None = None):
     """TRL's ``RewardTrainer`` with grouped, length-bucketed batches and deduplicated forwards.
 
-    ``pair_groups`` None keeps TRL's own sampler (random pairs); a batch from the
-    ``DedupPreferenceCollator`` is forwarded in length-sorted chunks of ``chunk_size`` rows.
+    Batches come from ``GroupedPairSampler`` (one pair per group gives plain length buckets);
+    a batch from the ``DedupPreferenceCollator`` is forwarded in length-sorted chunks of
+    ``chunk_size`` rows, one from TRL's own collator as TRL forwards it.
     """
     from trl import RewardTrainer
 
     class GroupedRewardTrainer(RewardTrainer):
         def _get_train_sampler(self, train_dataset=None):
-            if pair_groups is None:
-                return super()._get_train_sampler(train_dataset)
             return GroupedPairSampler(pair_groups, group_lengths, self.args.per_device_train_batch_size,
                                       self.args.seed)
 
