@@ -39,7 +39,7 @@ _NOT_IN_KEY = {
     "model": {"cache_dir", "hub_timeout"},
     "sft": {"logging_steps", "save_steps", "save_total_limit", "resume", "num_sample_generations",
             "sample_max_new_tokens", "eval_size", "eval_batch_size"},
-    "rm": {"logging_steps", "eval_batch_size", "max_eval_pairs", "model_path"},
+    "rm": {"logging_steps", "eval_batch_size", "max_eval_pairs", "model_path", "eval_before"},
     "ppo": {"log_every", "sample_every", "num_samples", "save_every", "resume", "policy_path",
             "reward_model_path"},
     "eval": {"num_samples_in_report"},
@@ -63,8 +63,11 @@ def key_material(stage: str, cfg: Any) -> dict[str, Any]:
         "quantization": _section(cfg, "quantization"),
         "seed": int(cfg.seed),
     }
-    if cfg.mixed_precision != "no":  # absent when off, so fp32 keys stay as they were before the setting
-        material["mixed_precision"] = str(cfg.mixed_precision)
+    from stackllama import precision
+
+    mixed = precision.run_mode(cfg)
+    if mixed != "no":  # absent when off, so fp32 keys stay as they were before the setting
+        material["mixed_precision"] = mixed
     if stage == "sft":
         material["lora"] = _section(cfg, "lora")
         material["sft"] = _section(cfg, "sft")

@@ -1,4 +1,4 @@
-"""Mixed precision: one run-wide setting, ``mixed_precision`` = no | bf16 | fp16.
+"""Mixed precision: one run-wide setting, ``mixed_precision`` = auto | no | bf16 | fp16.
 
 As in accelerate (whose ``mixed_precision`` this mirrors): weights, optimizer state and
 the trained adapters stay in ``model.dtype``; matmuls run in the lower precision under
@@ -7,7 +7,12 @@ flags, which turn on the same autocast; our own loops (PPO, scoring, generation)
 ``autocast`` themselves.
 
 bf16 on CPU is fast only where the CPU has bf16 instructions (AVX512-BF16 or AMX);
-``cpu_has_fast_bf16`` says so and the run logs a warning otherwise. fp16 autocast needs CUDA.
+elsewhere it is emulated and several times slower than fp32 (~6x on 2 AVX2 cores). So the
+default, ``auto``, resolves once per run (``resolve``, called by ``task.run_task`` before any
+stage) to ``bf16`` on a CUDA GPU with bf16 support or a CPU with those instructions, and to
+``no`` elsewhere; the run logs the resolved value, writes it to ``run/mixed_precision`` and
+keys its artifacts by it. An explicit setting wins; an explicit bf16 on a CPU without bf16
+instructions runs with a warning. fp16 autocast needs CUDA.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 import torch
 
 from stackllama.config import MIXED_PRECISION as MODES
+
+RESOLVED = tuple(m for m in MODES if m != "auto")  # what a stage ever runs with
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +44,40 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively on ``device`` (not emulated)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return cpu_has_fast_bf16()
+    return False
+
+
+def resolve(mode: str | None, device: torch.device | str) -> str | None:
+    """``auto`` -> ``bf16`` where bf16 is fast on ``device``, else ``no``; other modes unchanged."""
+    if mode != "auto":
+        return mode
+    return "bf16" if fast_bf16(torch.device(device)) else "no"
+
+
+def run_mode(cfg: Any, stage_override: str | None = None) -> str:
+    """The precision a stage runs with: ``stage_override`` (e.g. ``ppo.mixed_precision``) when set,
+    else the run-wide ``mixed_precision``, with ``auto`` resolved for ``cfg.device``.
+
+    ``task.run_task`` resolves ``auto`` in the config itself before any stage runs; this also
+    resolves it for code that builds a stage without going through the task wrapper.
+    """
+    mode = stage_override or cfg.mixed_precision
+    if mode != "auto":
+        return str(mode)
+    from stackllama.models.loader import resolve_device
+
+    return str(resolve(mode, resolve_device(str(cfg.device))))
+
+
 def check(mode: str, device: torch.device) -> None:
     """Fail early on a mode the device cannot run; warn where it runs but slowly."""
-    if mode not in MODES:
+    if mode not in RESOLVED:
         raise ValueError(f"mixed_precision={mode!r} is not valid; choose one of: {', '.join(MODES)}")
     if mode == "fp16" and device.type != "cuda":
         raise ValueError("mixed_precision=fp16 needs a CUDA device; on CPU use bf16 or no")
@@ -63,4 +101,4 @@ def trainer_flags(mode: str) -> dict[str, Any]:
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
 
 
-__all__ = ["MODES", "autocast", "check", "cpu_has_fast_bf16", "trainer_flags"]
+__all__ = ["MODES", "RESOLVED", "autocast", "check", "cpu_has_fast_bf16", "fast_bf16", "resolve", "run_mode", "trainer_flags"]

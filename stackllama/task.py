@@ -99,6 +99,24 @@ def _hydra_info(cfg: Any = None) -> JobInfo:
                    None if optuna else float("nan"))
 
 
+def resolve_precision(cfg: DictConfig, device: torch.device) -> None:
+    """Replace ``auto`` by what this device runs fast, in place, before any key is derived.
+
+    The artifact keys then hold the resolved value: a bf16 model built on one machine is
+    never reused by an fp32 run on another. Explicit settings are only checked.
+    """
+    for key in ("mixed_precision", "ppo.mixed_precision"):
+        requested = OmegaConf.select(cfg, key)
+        if requested is None:  # ppo.mixed_precision=null: the run-wide setting
+            continue
+        resolved = precision.resolve(requested, device)
+        precision.check(resolved, device)
+        if requested == "auto":
+            log.info("%s=auto -> %s (%s)", key, resolved, "bf16 runs natively on this %s" % device.type
+                     if resolved == "bf16" else f"no native bf16 on this {device.type}: full precision")
+            OmegaConf.update(cfg, key, resolved)
+
+
 def _numeric_or_text(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
 
@@ -129,7 +147,8 @@ def run_task(cfg: DictConfig) -> float | None:
         device = resolve_device(cfg.device)
         if device.type == "cuda" and topology.is_distributed:
             device = torch.device("cuda", topology.local_rank)
-        precision.check(cfg.mixed_precision, device)
+        resolve_precision(cfg, device)
+        metrics.update({"run/mixed_precision": cfg.mixed_precision, "run/device": str(device)})
         seed_everything(cfg.seed)
         ctx = RunContext(job.run_dir, metrics, tracker, device, job.multirun)
         objective = runner(cfg, ctx)

@@ -21,9 +21,16 @@ register_configs()
 
 
 def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
-    """Compose the app's config exactly as the CLI would (no Hydra run dir)."""
+    """Compose the app's config as the CLI would (no Hydra run dir).
+
+    Tests pin ``mixed_precision=no`` unless they set it: ``auto`` would resolve to bf16 on some
+    CI machines and to fp32 on others, and the figures tests compare must not depend on that.
+    """
+    overrides = list(overrides or [])
+    if not any(o.lstrip("+~").startswith("mixed_precision=") for o in overrides):
+        overrides.insert(0, "mixed_precision=no")
     with initialize_config_dir(version_base="1.3", config_dir=config_dir()):
-        return compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=False)
 
 
 @pytest.fixture
