@@ -70,6 +70,10 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     bias: str = "none"
     task_type: str = "CAUSAL_LM"  # CAUSAL_LM for policies, SEQ_CLS for reward models
+    # Adapters on the last N decoder layers only (peft's layers_to_transform); None: every layer.
+    # Nothing below the lowest adapted layer needs a gradient, so backward stops there: a
+    # SmolLM2 (30 layers) train step with adapters on the top 6 runs ~1.9x faster than on all 30.
+    top_layers: Optional[int] = None
 
 
 @dataclass
@@ -162,6 +166,9 @@ class RMConfig:
     logging_steps: int = 10
     max_train_pairs: Optional[int] = None  # a cap; with group_by_question whole questions are kept
     max_eval_pairs: Optional[int] = None
+    # Also score the held-out pairs before training (eval/accuracy_before: what training bought);
+    # one more pass over them
+    eval_before: bool = True
     gradient_checkpointing: bool = False
     # Pairs of one question share a batch and each distinct text is forwarded once: the same
     # loss as TRL's RewardTrainer on the same pairs, ~2.5x fewer forwards on a question with
@@ -190,14 +197,25 @@ class PPOConfig:
     max_prompt_length: int = 256  # longer prompts are skipped and counted
     min_new_tokens: int = 32  # length sampler lower bound (inclusive)
     max_new_tokens: int = 128  # length sampler upper bound (exclusive)
-    stop_at_eos: bool = False  # article: fixed sampled lengths, EOS suppressed until then
-    top_k: int = 0
-    top_p: float = 1.0
+    # false (the article): each response runs to its sampled length, sampling past EOS from the
+    # unmodified distribution (EOS is never masked out). true: a response ends at its first EOS.
+    stop_at_eos: bool = False
+    # stop_at_eos only: subtracted from the score of a response that reached its length without
+    # an EOS (TRL's missing_eos_penalty; in the units of the normalized score). None: no penalty.
+    missing_eos_penalty: Optional[float] = None
+    top_k: int = 0  # 0 = off. Sampling and the PPO log-probs then differ: keep 0 for on-policy PPO
+    top_p: float = 1.0  # 1.0 = off (same caveat as top_k)
+    # Sampling temperature; the training forward divides the logits by the same value, so the
+    # log-probs PPO and the KL use are those of the distribution that produced the tokens.
     temperature: float = 1.0
     # Reward
-    reward_baseline: float = 0.0
-    score_normalize: bool = False  # running mean/std normalization of scores
-    score_clip: Optional[float] = None
+    reward_baseline: float = 0.0  # subtracted from every raw score
+    # Score scale: none (raw RM scores) | sft (minus the mean, over the std, of the scores of the
+    # first step's rollouts, which the untrained policy = the SFT model produced; fixed after that
+    # step) | running (running mean/std over all scores so far). Makes kl_coef and the value
+    # head's targets independent of the reward model's offset and scale.
+    score_normalize: str = "none"
+    score_clip: Optional[float] = None  # clip the (normalized) score to [-c, c]
     reward_batch_size: int = 16
     # KL
     kl_coef: Optional[float] = None  # set it to fix beta; None uses the adaptive controller
@@ -211,8 +229,15 @@ class PPOConfig:
     lam: float = 0.95
     cliprange: float = 0.2
     cliprange_value: float = 0.2
+    # Dual-clip PPO (Ye et al. 2020; verl's clip_ratio_c): where the advantage is negative the
+    # per-token loss is capped at -dual_clip * A. None: off; typical 3.0.
+    dual_clip: Optional[float] = None
     vf_coef: float = 0.1
     whiten_advantages: bool = True
+    # The first N steps train the value head only (the policy does not move, its gradient does
+    # not reach the backbone), so the advantages of the first policy updates come from a
+    # critic that has seen the reward scale rather than from a random head.
+    critic_warmup_steps: int = 0
     ratio_threshold: float = 10.0
     target_kl: Optional[float] = None  # early-stop PPO epochs when approx KL exceeds it
     # Memory: for small models the (episodes x tokens x vocabulary) logits, not the weights, set
@@ -224,7 +249,7 @@ class PPOConfig:
     # CPU + glibc only: allocations above this many MiB are mmapped and returned on free: lowest
     # peak RSS, but each costs fresh page faults (1 MiB: 1.8x slower PPO on the tiny model).
     malloc_mmap_threshold_mb: Optional[int] = None
-    # no | bf16 | fp16 for this stage's rollouts and passes; None: the run-wide mixed_precision
+    # auto | no | bf16 | fp16 for this stage's rollouts and passes; None: the run-wide mixed_precision
     mixed_precision: Optional[str] = None
     # Bookkeeping
     log_every: int = 1
@@ -274,16 +299,17 @@ class Config:
     run_name: Optional[str] = None
     artifacts_dir: str = "${oc.env:STACKLLAMA_ARTIFACTS,${hydra:runtime.cwd}/artifacts}"
     device: str = "auto"  # auto | cpu | cuda
-    # no | bf16 | fp16: matmuls under autocast, weights and optimizer in model.dtype (as in
-    # accelerate); bf16 is 2-3x faster on CPUs with AVX512-BF16/AMX (stackllama/precision.py)
-    mixed_precision: str = "no"
+    # auto | no | bf16 | fp16: matmuls under autocast, weights and optimizer in model.dtype (as
+    # in accelerate). auto: bf16 on a bf16-capable GPU or a CPU with AVX512-BF16/AMX (2-3x faster
+    # there), no elsewhere (bf16 is emulated on AVX2 CPUs, ~6x slower); stackllama/precision.py
+    mixed_precision: str = "auto"
     # metrics.json key the run returns to Hydra (what Optuna maximizes); None: the stage's own
     # (sft: eval/perplexity, rm: eval/accuracy, ppo: ppo/objective, eval/all: eval/win_rate_vs_sft)
     objective: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, logged as-is
 
 
-MIXED_PRECISION = ("no", "bf16", "fp16")  # stackllama/precision.py
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # stackllama/precision.py
 
 CHOICES = {
     "stage.name": STAGES,
@@ -296,6 +322,7 @@ CHOICES = {
     "lora.task_type": ("CAUSAL_LM", "SEQ_CLS"),
     "rm.lora.task_type": ("CAUSAL_LM", "SEQ_CLS"),
     "ppo.kl_estimator": ("k1", "k2", "k3", "abs"),
+    "ppo.score_normalize": ("none", "sft", "running"),
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": MIXED_PRECISION,
 }

@@ -126,10 +126,25 @@ def bnb_config(quant_cfg: Any):
     raise ValueError(f"quantization.mode={quant_cfg.mode!r}; choose one of none, int8, nf4")
 
 
-def peft_config(lora_cfg: Any, kind: str):
+def adapted_layers(lora_cfg: Any, num_layers: int) -> list[int] | None:
+    """Indices of the decoder layers that get adapters (``lora.top_layers``); None = all.
+
+    A value of at least the model's layer count means every layer (so one setting serves a
+    30-layer model and the 2-layer test model alike).
+    """
+    top = lora_cfg.get("top_layers") if hasattr(lora_cfg, "get") else getattr(lora_cfg, "top_layers", None)
+    if top is None or int(top) >= num_layers:
+        return None
+    if int(top) < 1:
+        raise ValueError(f"lora.top_layers={top}: choose at least 1, or null for every layer")
+    return list(range(num_layers - int(top), num_layers))
+
+
+def peft_config(lora_cfg: Any, kind: str, num_layers: int | None = None):
     from peft import LoraConfig, TaskType
 
     task = TaskType.SEQ_CLS if kind == "seq_cls" else TaskType.CAUSAL_LM
+    layers = adapted_layers(lora_cfg, num_layers) if num_layers is not None else None
     return LoraConfig(
         r=int(lora_cfg.r),
         lora_alpha=int(lora_cfg.alpha),
@@ -137,6 +152,7 @@ def peft_config(lora_cfg: Any, kind: str):
         target_modules=list(lora_cfg.target_modules),
         bias=str(lora_cfg.bias),
         task_type=task,
+        layers_to_transform=layers,
     )
 
 
@@ -194,8 +210,14 @@ def load_model(
     if lora_on:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config(lora_cfg, kind))
+        num_layers = _model_config(model).num_hidden_layers
+        model = get_peft_model(model, peft_config(lora_cfg, kind, num_layers))
     return model
+
+
+def _model_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def keep_4bit_layers_trainable(model: Any) -> int:

@@ -68,9 +68,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     gold = gold_scorer(cfg.data)
 
     policy, tok = load_policy(cfg, sft_path, ctx.device)
-    mixed = cfg.ppo.mixed_precision or cfg.mixed_precision
-    if cfg.ppo.mixed_precision is not None:  # the run-wide setting was checked at start (task.run_task)
-        precision.check(mixed, ctx.device)
+    mixed = precision.run_mode(cfg, cfg.ppo.mixed_precision)  # checked at start (task.resolve_precision)
     dist = distributed.current()
     # Data parallel: the same starting weights everywhere, a different stream of prompts,
     # lengths and samples on each rank (rank 0 keeps the single-process seeds).

@@ -166,7 +166,7 @@ def reward_config(cfg: Any, ctx: Any, work_dir: Path, num_pairs: int):
         **checkpointing_kwargs(bool(rm.gradient_checkpointing)),
         center_rewards_coefficient=None,
         disable_dropout=False,  # honour rm.lora.dropout (the article's 0.1)
-        **precision.trainer_flags(cfg.mixed_precision),
+        **precision.trainer_flags(precision.run_mode(cfg)),
         use_cpu=ctx.device.type == "cpu",
         report_to="none",
         save_strategy="no",
@@ -246,13 +246,13 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     metrics.update(count_parameters(model))
     main = distributed.is_main()  # under DDP every rank trains; rank 0 alone evaluates and saves
 
-    def scorer(net: Any, mixed_precision: str = cfg.mixed_precision) -> RewardScorer:
+    def scorer(net: Any, mixed_precision: str = precision.run_mode(cfg)) -> RewardScorer:
         return RewardScorer(net, tokenizer, template, batch_size=int(rm.eval_batch_size),
                             max_length=max_length, device=ctx.device, mixed_precision=mixed_precision)
 
     started = time.time()
     before = {"accuracy": float("nan"), "margin": float("nan")}
-    if main:
+    if main and rm.eval_before:
         log.info("rm: scoring %d held-out pairs with the untrained model ...", len(evaluation))
         before, _, _ = evaluate_pairs(scorer(model), evaluation)
         metrics["eval/accuracy_before"] = before["accuracy"]
@@ -310,7 +310,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     # (without autocast, so the check is not blurred by bf16 rounding).
     k = min(MERGE_CHECK_TEXTS, len(evaluation))
     check = evaluation.select(range(k))
-    if cfg.mixed_precision == "no":
+    if precision.run_mode(cfg) == "no":
         expected = chosen[:k]  # scores come back in input order
     else:
         expected = scorer(model, "no").score(list(check["question"]), list(check["chosen"]))
@@ -330,7 +330,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
         log.warning("merged reward model differs from the trained one by up to %.4g", diff)
     ctx.tracker.log({k2: v for k2, v in metrics.items() if k2.startswith("eval/") and isinstance(v, float)})
     log.info("rm: eval accuracy %.3f (before %.3f, gold %s), margin %.3f, merge diff %.2g",
-             metrics["eval/accuracy"], metrics["eval/accuracy_before"],
+             metrics["eval/accuracy"], metrics.get("eval/accuracy_before", float("nan")),
              f"{metrics['eval/gold_accuracy']:.3f}" if "eval/gold_accuracy" in metrics else "n/a",
              metrics["eval/margin"], diff)
     return metrics

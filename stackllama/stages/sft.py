@@ -120,7 +120,7 @@ def training_args(cfg: Any, ctx: Any, work_dir: Path):
 
     sft = cfg.sft
     on_cuda = ctx.device.type == "cuda"
-    mixed = cfg.mixed_precision  # autocast over model.dtype weights; bf16 weights on CUDA imply it
+    mixed = precision.run_mode(cfg)  # autocast over model.dtype weights; bf16 weights on CUDA imply it
     if mixed == "no" and on_cuda and cfg.model.dtype == "bfloat16":
         mixed = "bf16"
     return SFTConfig(
