@@ -180,7 +180,7 @@ def test_upstream_setting_changes_every_downstream_key(tmp_path):
 
 def test_ppo_setting_changes_only_the_ppo_key(tmp_path):
     base = _keys(tmp_path)
-    kl = _keys(tmp_path, "ppo.kl_coef=0.05")
+    kl = _keys(tmp_path, "ppo.kl_coef=0.07")
     assert kl["sft"] == base["sft"] and kl["rm"] == base["rm"]
     assert kl["ppo"] != base["ppo"] and kl["eval"] != base["eval"]
     # how a run is observed is not what it produces

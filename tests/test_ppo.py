@@ -128,7 +128,8 @@ def test_large_kl_coef_keeps_policy_at_reference(tmp_path):
 
 
 def test_adaptive_controller_moves_beta(tmp_path):
-    cfg = _cfg("ppo.steps=2", "ppo.target=0.001", "ppo.horizon=100", "ppo.learning_rate=1e-3", "lora=none")
+    cfg = _cfg("ppo.steps=2", "ppo.kl_coef=null", "ppo.target=0.001", "ppo.horizon=100", "ppo.learning_rate=1e-3",
+               "lora=none")
     hist = _trainer(cfg, tmp_path).train()
     beta0, beta1 = hist[0]["objective/kl_coef"], hist[1]["objective/kl_coef"]
     kl0 = hist[0]["objective/kl"]

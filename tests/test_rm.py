@@ -376,7 +376,7 @@ def test_rm_stage_metrics_and_artifact(tmp_path):
     from stackllama.stages import rm
 
     _, folder = _tiny()
-    cfg = _stage_cfg(tmp_path, folder)
+    cfg = _stage_cfg(tmp_path, folder, ["rm.eval_before=true"])
     ctx = _ctx(tmp_path)
     objective = rm.run(cfg, ctx)
     m = ctx.metrics.values

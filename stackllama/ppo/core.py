@@ -176,8 +176,14 @@ def policy_loss(
     advantages: Tensor,
     mask: Tensor,
     cliprange: float,
+    dual_clip: Optional[float] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """PPO clipped surrogate, averaged over real tokens. Returns ``(loss, stats)``."""
+    """PPO clipped surrogate, averaged over real tokens. Returns ``(loss, stats)``.
+
+    ``dual_clip = c > 1`` (Ye et al. 2020, as verl's ``clip_ratio_c``): where A < 0 the loss is
+    also capped at -c * A, so a token whose ratio has grown huge under a negative advantage
+    cannot dominate the batch (the plain clip only bounds the ratio from one side there).
+    """
     m = _bool_mask(mask)
     zeros = torch.zeros_like(logprobs)
     log_ratio = torch.where(m, logprobs - old_logprobs, zeros)  # log(pi / pi_old); 0 when masked
@@ -186,8 +192,16 @@ def policy_loss(
     clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # clip(rho, 1-eps, 1+eps)
     pg_unclipped = -adv * ratio  # -A * rho
     pg_clipped = -adv * clipped  # -A * clip(rho)
-    pg = torch.max(pg_unclipped, pg_clipped)  # pessimistic bound
-    loss = masked_mean(pg, m)  # L = E_m[max(-A rho, -A clip(rho))]
+    pg = torch.max(pg_unclipped, pg_clipped)  # pessimistic bound: max(-A rho, -A clip(rho))
+    dual_frac = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    if dual_clip is not None:
+        if not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        capped = torch.min(pg, -adv * dual_clip)  # min(max(-A rho, -A clip(rho)), -c A)
+        dual = (adv < 0) & (capped < pg)
+        dual_frac = masked_mean(dual.to(logprobs.dtype), m)
+        pg = torch.where(adv < 0, capped, pg)  # only where A < 0
+    loss = masked_mean(pg, m)  # L = E_m[pg]
 
     with torch.no_grad():
         stats = {
@@ -196,6 +210,7 @@ def policy_loss(
             "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(logprobs.dtype), m),
             "ratio_mean": masked_mean(ratio, m),
             "ratio_max": torch.where(m, ratio, torch.full_like(ratio, float("-inf"))).max(),
+            "dual_clipfrac": dual_frac,
         }
     stats = {k: v.detach() for k, v in stats.items()}
     return loss, stats
@@ -247,9 +262,13 @@ def logprobs_from_hidden(
     labels: Tensor,
     chunk: int = 1,
     with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
     """log p(y_t) (and the entropy) from hidden states, never holding a (B, T, V) logits tensor.
 
+    p = softmax(head(h) / temperature): the distribution the rollout sampled from, so the PPO
+    ratio and the KL compare the policies that actually produced the tokens (an N+ detail of
+    Huang et al. 2024; with T != 1 and undivided logits every ratio would be off from the start).
     (B, T, H), (B, T) -> (B, T) [, (B, T)]. The vocabulary-sized LM head is applied to
     ``chunk`` episodes at a time; with grad enabled each chunk (when there are several) runs
     under activation checkpointing, so backward recomputes its (chunk, T, V) logits instead of
@@ -264,8 +283,16 @@ def logprobs_from_hidden(
     if grad and with_entropy:
         raise ValueError("entropy is a no-grad statistic here; call with torch.no_grad()")
 
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scale = 1.0 / float(temperature)
+
+    def logits_of(h: Tensor) -> Tensor:
+        z = head(h)  # (c, T, V)
+        return z if scale == 1.0 else z * scale  # z / T
+
     def piece(h: Tensor, y: Tensor) -> Tensor:
-        return logprobs_from_logits(head(h), y)  # (c, T, V) logits live only inside this call
+        return logprobs_from_logits(logits_of(h), y)  # (c, T, V) logits live only inside this call
 
     logps, ents = [], []
     for s in range(0, hidden.shape[0], chunk):
@@ -273,7 +300,7 @@ def logprobs_from_hidden(
         if grad and chunk < hidden.shape[0]:  # one chunk for all: nothing to save by recomputing
             logps.append(torch.utils.checkpoint.checkpoint(piece, h, y, use_reentrant=False))
         elif with_entropy:
-            logits = head(h)  # (c, T, V)
+            logits = logits_of(h)  # (c, T, V)
             logps.append(logprobs_from_logits(logits, y))
             ents.append(entropy_from_logits(logits))
             del logits

@@ -20,6 +20,24 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    query_len: int) -> torch.Tensor:
+    """Last hidden states that predict the response tokens of a causal LM: (B, Q+R) -> (B, R, H).
+
+    ``input_ids`` = [left-padded query (Q) | right-padded response (R)]. Response token t sits
+    at position Q + t and is predicted from position Q + t - 1, so only those R states matter;
+    positions are counted from the attention mask (left padding skipped), as in ``generate``.
+    """
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    out = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, query_len - 1 : -1]  # (B, R, H)
+
+
 class PolicyWithValueHead(nn.Module):
     """Causal LM (optionally a peft model) + scalar value head; optional frozen reference.
 
@@ -44,34 +62,24 @@ class PolicyWithValueHead(nn.Module):
             return self.reference
         return self.lm.get_base_model() if self.has_adapters else self.lm
 
-    def _hidden(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        out = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-        return out.last_hidden_state  # (B, Q+R, H)
-
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int, with_values: bool = True
     ) -> tuple[torch.Tensor, nn.Module, torch.Tensor | None]:
-        """Hidden states that predict the response tokens, the LM head, and the values there.
+        """Hidden states that predict the response tokens (``response_hidden``), the LM head, and
+        the values there.
 
-        ``input_ids`` = [left-padded query (Q) | right-padded response (R)]. Response token t
-        sits at position Q + t and is predicted from position Q + t - 1, so only those R
-        hidden states matter. The (vocabulary-sized) LM head is returned rather than applied:
+        The (vocabulary-sized) LM head is returned rather than applied:
         ``core.logprobs_from_hidden`` applies it a few episodes at a time, so a full
         (B, R, V) logits tensor never exists (it dominates PPO memory for small models).
         """
         model = self._causal_lm()
-        hidden = self._hidden(model, input_ids, attention_mask)  # (B, Q+R, H)
-        resp_hidden = hidden[:, query_len - 1 : -1]  # (B, R, H)
-        values = None
-        if with_values:
-            values = self.v_head(resp_hidden.to(self.v_head.weight.dtype)).squeeze(-1)  # (B, R)
+        resp_hidden = response_hidden(model, input_ids, attention_mask, query_len)  # (B, R, H)
+        values = self.values(resp_hidden) if with_values else None  # (B, R)
         return resp_hidden, model.get_output_embeddings(), values
+
+    def values(self, resp_hidden: torch.Tensor) -> torch.Tensor:
+        """V(s_t) from the response hidden states: (B, R, H) -> (B, R)."""
+        return self.v_head(resp_hidden.to(self.v_head.weight.dtype)).squeeze(-1)
 
     @torch.no_grad()
     def reference_hidden(
@@ -82,7 +90,7 @@ class PolicyWithValueHead(nn.Module):
         ctx = contextlib.nullcontext() if use_copy else self.lm.disable_adapter()
         with ctx:
             model = self._causal_lm(use_reference=use_copy)
-            hidden = self._hidden(model, input_ids, attention_mask)
+            hidden = response_hidden(model, input_ids, attention_mask, query_len)  # (B, R, H)
             head = model.get_output_embeddings()
         if not use_copy and hasattr(head, "lora_A"):  # lora.target_modules includes lm_head: apply it unadapted
             adapted = head
@@ -91,7 +99,7 @@ class PolicyWithValueHead(nn.Module):
                 with self.lm.disable_adapter():
                     return adapted(h)
 
-        return hidden[:, query_len - 1 : -1], head
+        return hidden, head
 
     @torch.no_grad()
     def response_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:

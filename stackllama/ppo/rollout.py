@@ -4,6 +4,15 @@ The article sampled a length per response (32..127 tokens) and generated one by 
 generate the whole batch at once up to the longest sampled length, then mask each response
 past its own length (and past EOS when ``stop_at_eos``): the same distribution of
 responses, a fraction of the wall time.
+
+EOS and the sampling distribution: every sampled token must come from the distribution whose
+log-probs PPO computes (softmax(logits / temperature), no top-k/top-p truncation by
+default). So EOS is never *suppressed* (``min_new_tokens`` would mask it out of the
+distribution: the tokens then come from another policy than the one PPO scores, and the
+sequence KL can come out negative, TRL #1017). With ``stop_at_eos=false`` (the article)
+generation simply ignores EOS and keeps sampling past it to the sampled length; with
+``stop_at_eos=true`` a response ends at its first EOS (kept in the response) and
+``Rollout.ended`` says which responses reached one.
 """
 
 from __future__ import annotations
@@ -82,6 +91,7 @@ class Rollout:
     attention_mask: torch.Tensor  # (B, Q+R) 1 on real query and response tokens
     response_mask: torch.Tensor  # (B, R) 1 on response tokens that count
     responses: list[str]  # decoded responses (masked tokens dropped)
+    ended: torch.Tensor  # (B,) bool: the counted tokens end with EOS (stop_at_eos only; else all False)
 
     @property
     def query_len(self) -> int:
@@ -137,7 +147,9 @@ def generate_rollout(
         use_cache=True,
     )
     if not ppo_cfg.stop_at_eos:
-        gen_kwargs["min_new_tokens"] = max_len  # EOS suppressed: every response reaches its length
+        # Keep sampling past EOS, from the unmodified distribution (not min_new_tokens, which masks
+        # EOS out of it): every response reaches its sampled length.
+        gen_kwargs["eos_token_id"] = None
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=q_ids, attention_mask=q_mask, **gen_kwargs)  # (B, Q+R')
@@ -151,6 +163,10 @@ def generate_rollout(
     responses = [
         tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response_ids, r_mask)
     ]
+    ended = torch.zeros(len(lengths), dtype=torch.bool)
+    if ppo_cfg.stop_at_eos and eos_id is not None:
+        last = (r_mask.sum(1) - 1).clamp(min=0).cpu()  # index of each response's last counted token
+        ended = (r_mask.sum(1).cpu() > 0) & (response_ids.cpu().gather(1, last.unsqueeze(1)).squeeze(1) == eos_id)
     return Rollout(
         questions=list(questions),
         query_ids=q_ids,
@@ -159,4 +175,5 @@ def generate_rollout(
         attention_mask=torch.cat([q_mask, r_mask], 1),
         response_mask=r_mask,
         responses=responses,
+        ended=ended,
     )

@@ -21,6 +21,7 @@ the means over processes, so one step consumes B x world_size episodes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -60,7 +61,9 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        return math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
+        """Sample std; 1.0 until there are two values or when they are all equal (nothing to scale by)."""
+        std = math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
+        return std if std > 1e-6 else 1.0
 
     def state_dict(self) -> dict[str, float]:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
@@ -185,14 +188,9 @@ class PPOTrainer:
         self._between_phases()
         t_rollout = time.perf_counter()
 
-        # 2. Score: reward model on (question, response), minus the baseline ---------
+        # 2. Score: reward model on (question, response), then the score PPO optimizes --
         raw_scores = self.scorer(ro.questions, ro.responses).float().cpu()  # (B,)
-        scores = raw_scores - float(cfg.reward_baseline)
-        self.score_moments.update(scores)
-        if cfg.score_normalize:
-            scores = (scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)
-        if cfg.score_clip is not None:
-            scores = scores.clamp(-float(cfg.score_clip), float(cfg.score_clip))
+        scores = self._shape_scores(raw_scores, ro.ended)  # (B,)
         t_score = time.perf_counter()
 
         # 3. Old log-probs, values, entropy (policy) and reference log-probs ---------
@@ -221,9 +219,12 @@ class PPOTrainer:
         self.step_idx += 1
 
         stats = {
-            "env/reward_mean": float(scores.mean()),
-            "env/reward_std": float(scores.std()) if B > 1 else 0.0,
-            "env/score_raw_mean": float(raw_scores.mean()),
+            "env/reward_mean": float(raw_scores.mean()),  # the reward model's own score
+            "env/reward_std": float(raw_scores.std()) if B > 1 else 0.0,
+            "env/score_mean": float(scores.mean()),  # what PPO optimizes (normalized, penalized, clipped)
+            "env/score_std": float(scores.std()) if B > 1 else 0.0,
+            "env/frac_ended_eos": float(ro.ended.float().mean()),
+            "env/episodes": float(B),
             "objective/kl": float(seq_kl.mean()),
             "objective/kl_per_token": float(core.masked_mean(kl, mask)),
             "objective/kl_coef": beta,
@@ -250,13 +251,32 @@ class PPOTrainer:
         if self.gold_scorer is not None:
             gold = torch.as_tensor(self.gold_scorer(ro.questions, ro.responses), dtype=torch.float32)
             stats["gold/score_mean"] = float(gold.mean())
+            stats["gold/score_std"] = float(gold.std()) if B > 1 else 0.0
         stats = distributed.mean_over_ranks(stats)  # the step's figures over all processes' episodes
         stats["time/ppo/episodes_per_second"] = B * world / stats["time/ppo/step"]
+        stats["env/episodes"] = float(B * world)  # per-rank stds are averaged: the pooled figures are approximate
         if self.dist.is_main:
             self._maybe_log_samples(ro, scores, seq_kl, gold)
         return stats
 
     # ------------------------------------------------------------------ pieces
+    def _shape_scores(self, raw: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        """Raw RM scores (B,) -> the scores PPO optimizes (B,): baseline, scale, EOS penalty, clip."""
+        cfg = self.cfg
+        scores = raw - float(cfg.reward_baseline)  # s = r - b
+        mode = str(cfg.score_normalize)
+        if mode == "running" or (mode == "sft" and self.step_idx == 0):
+            # "sft": only the first step's scores, which the untrained policy (= the SFT model) earned
+            every_rank = [x for part in distributed.gather_objects(scores.tolist()) for x in part]
+            self.score_moments.update(torch.tensor(every_rank))  # the same moments on every rank
+        if mode in ("sft", "running"):
+            scores = (scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)  # (s - mu) / sigma
+        if cfg.stop_at_eos and cfg.missing_eos_penalty is not None:
+            scores = scores - float(cfg.missing_eos_penalty) * (~ended).float()  # s -= penalty without EOS
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-float(cfg.score_clip), float(cfg.score_clip))
+        return scores
+
     def _autocast(self) -> Any:
         """Mixed precision for the backbone passes. The LM head and log-softmax stay outside it, in
         the weights' dtype: bf16 logits are rounded by up to ~0.06 at typical magnitudes, enough
@@ -273,33 +293,62 @@ class PPOTrainer:
         """Policy log-probs/values/entropy and reference log-probs, in mini-batch chunks."""
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
         n, chunk = int(self.cfg.mini_batch_size), int(self.cfg.head_chunk_size)
+        T = float(self.cfg.temperature)  # log-probs of softmax(logits / T), the sampling distribution
         Q = ro.query_len
         for s in range(0, ro.input_ids.shape[0], n):
             ids, att = ro.input_ids[s : s + n], ro.attention_mask[s : s + n]
             resp = ro.response_ids[s : s + n]  # (b, R)
             with self._autocast():
-                hidden, head, values = self.policy(ids, att, Q)  # (b, R, H), LM head, (b, R)
-            logprobs, entropy = core.logprobs_from_hidden(hidden, head, resp, chunk, with_entropy=True)
+                hidden, head, _ = self.policy(ids, att, Q, with_values=False)  # (b, R, H), LM head
+            values = self.policy.values(hidden)  # (b, R), outside autocast as in training
+            logprobs, entropy = core.logprobs_from_hidden(hidden, head, resp, chunk, with_entropy=True, temperature=T)
             del hidden
             with self._autocast():
                 ref_hidden, ref_head = self.policy.reference_hidden(ids, att, Q)  # (b, R, H)
-            ref_logprobs, _ = core.logprobs_from_hidden(ref_hidden, ref_head, resp, chunk)
+            ref_logprobs, _ = core.logprobs_from_hidden(ref_hidden, ref_head, resp, chunk, temperature=T)
             for key, value in (("logprobs", logprobs), ("values", values), ("ref", ref_logprobs), ("entropy", entropy)):
                 out[key].append(value)
             del ref_hidden
             self._between_phases()
         return tuple(torch.cat(out[k]).float() for k in ("logprobs", "values", "ref", "entropy"))
 
+    def _micro_batch_loss(self, ro: Rollout, i: torch.Tensor, old_logprobs, old_values, advantages, returns, mask,
+                          critic_only: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of episodes ``i`` (m of them): L = L_clip + vf_coef * L_vf, or vf_coef * L_vf alone in
+        critic warm-up (then the backbone runs without grad: only the value head learns)."""
+        cfg = self.cfg
+        grad = contextlib.nullcontext() if not critic_only else torch.no_grad()
+        with grad, self._autocast():
+            hidden, head, _ = self.policy(ro.input_ids[i], ro.attention_mask[i], ro.query_len, with_values=False)  # (m, R, H)
+        values = self.policy.values(hidden).float()  # (m, R)
+        vf_loss, vf_stats = core.value_loss(values, old_values[i], returns[i], mask[i], float(cfg.cliprange_value))
+        stats = {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/val/error": vf_stats["error"]}
+        if critic_only:
+            return float(cfg.vf_coef) * vf_loss, stats
+        logprobs, _ = core.logprobs_from_hidden(hidden, head, ro.response_ids[i], int(cfg.head_chunk_size),
+                                                temperature=float(cfg.temperature))
+        pg_loss, pg_stats = core.policy_loss(logprobs.float(), old_logprobs[i], advantages[i], mask[i],  # (m, R)
+                                             float(cfg.cliprange), cfg.dual_clip)
+        loss = pg_loss + float(cfg.vf_coef) * vf_loss  # L = L_clip + c_vf * L_vf
+        stats.update({
+            "ppo/loss/policy": pg_loss, "ppo/loss/total": loss, "ppo/policy/approxkl": pg_stats["approxkl"],
+            "ppo/policy/policykl": pg_stats["policykl"], "ppo/policy/clipfrac": pg_stats["clipfrac"],
+            "ppo/policy/ratio_mean": pg_stats["ratio_mean"], "ppo/policy/dual_clipfrac": pg_stats["dual_clipfrac"],
+        })
+        return loss, stats
+
     def _optimize(self, ro, old_logprobs, old_values, advantages, returns, mask) -> dict[str, float]:
+        """``ppo_epochs`` passes over shuffled mini-batches of ``mini_batch_size`` episodes, each one
+        optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         cfg = self.cfg
         B, mb, gas = ro.input_ids.shape[0], int(cfg.mini_batch_size), int(cfg.gradient_accumulation_steps)
         micro = mb // gas
-        Q = ro.query_len
+        critic_only = self.step_idx < int(cfg.critic_warmup_steps)
         params = self.policy.trainable_parameters()
         sums: dict[str, float] = defaultdict(float)
         count = 0
         early_stop = 0.0
-        self.policy.train()
+        self.policy.eval()  # dropout off in updates too (N+ detail): ratios start at exactly 1
         for _epoch in range(int(cfg.ppo_epochs)):
             perm = torch.randperm(B, generator=self.generator)
             epoch_kl = []
@@ -308,28 +357,19 @@ class PPOTrainer:
                 stepped = False
                 for m_start in range(start, start + mb, micro):
                     i = perm[m_start : m_start + micro].to(ro.input_ids.device)
-                    with self._autocast():
-                        hidden, head, values = self.policy(ro.input_ids[i], ro.attention_mask[i], Q)  # (m, R, H), (m, R)
-                    logprobs, _ = core.logprobs_from_hidden(hidden, head, ro.response_ids[i], int(cfg.head_chunk_size))
-                    logprobs = logprobs.float()  # (m, R)
-                    pg_loss, pg_stats = core.policy_loss(logprobs, old_logprobs[i], advantages[i], mask[i], float(cfg.cliprange))
-                    vf_loss, vf_stats = core.value_loss(values.float(), old_values[i], returns[i], mask[i], float(cfg.cliprange_value))
-                    if float(pg_stats["ratio_mean"]) > float(cfg.ratio_threshold):
+                    loss, stats = self._micro_batch_loss(ro, i, old_logprobs, old_values, advantages, returns, mask,
+                                                         critic_only)
+                    if not critic_only and float(stats["ppo/policy/ratio_mean"]) > float(cfg.ratio_threshold):
                         # The probability ratio exploded: this micro-batch would wreck the policy.
                         self.skipped_batches += 1
                         continue
-                    loss = pg_loss + float(cfg.vf_coef) * vf_loss  # L = L_clip + c_vf * L_vf
                     (loss / gas).backward()
                     stepped = True
-                    for k, v in {
-                        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
-                        "ppo/policy/approxkl": pg_stats["approxkl"], "ppo/policy/policykl": pg_stats["policykl"],
-                        "ppo/policy/clipfrac": pg_stats["clipfrac"], "ppo/policy/ratio_mean": pg_stats["ratio_mean"],
-                        "ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/val/error": vf_stats["error"],
-                    }.items():
+                    for k, v in stats.items():
                         sums[k] += float(v.detach()) if torch.is_tensor(v) else float(v)
                     count += 1
-                    epoch_kl.append(float(pg_stats["approxkl"]))
+                    if not critic_only:
+                        epoch_kl.append(float(stats["ppo/policy/approxkl"]))
                 if self.dist.is_distributed:  # every rank steps, with the mean gradient, if any rank has one
                     stepped = distributed.all_reduce_sum(int(stepped)) > 0
                     if stepped:
@@ -348,6 +388,7 @@ class PPOTrainer:
         self.policy.eval()
         stats = {k: v / max(count, 1) for k, v in sums.items()}
         stats["ppo/early_stop"] = early_stop
+        stats["ppo/critic_warmup"] = float(critic_only)
         return stats
 
     def _maybe_log_samples(self, ro: Rollout, scores: torch.Tensor, seq_kl: torch.Tensor, gold: torch.Tensor | None) -> None:
@@ -429,8 +470,27 @@ class PPOTrainer:
         return self.history
 
 
+def window_stats(rows: list[dict[str, float]], mean_key: str, std_key: str) -> tuple[float, float]:
+    """Mean and standard error over every episode of ``rows`` (steps), from each step's mean, std
+    and episode count (``env/episodes``): the pooled variance
+    var = [sum (n_i - 1) s_i^2 + sum n_i (m_i - M)^2] / (N - 1), stderr = sqrt(var / N)."""
+    parts = [(r[mean_key], r.get(std_key, 0.0), r.get("env/episodes", 1.0)) for r in rows if mean_key in r]
+    if not parts:
+        return float("nan"), float("nan")
+    n = np.array([p[2] for p in parts], dtype=float)
+    m = np.array([p[0] for p in parts], dtype=float)
+    sd = np.array([p[1] for p in parts], dtype=float)
+    total = n.sum()
+    grand = float((n * m).sum() / total)
+    if total < 2:
+        return grand, float("nan")
+    var = (((n - 1) * sd**2).sum() + (n * (m - grand) ** 2).sum()) / (total - 1)
+    return grand, float(math.sqrt(var / total))
+
+
 def summarize(history: list[dict[str, float]]) -> dict[str, float]:
-    """Run-level figures: means over the first and last 10% of steps (at least one step)."""
+    """Run-level figures: means (and their standard errors over episodes) over the first and the
+    last 10% of steps (at least one step each)."""
     if not history:
         return {"ppo/steps": 0}
     k = max(1, int(round(0.1 * len(history))))
@@ -442,8 +502,6 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
 
     out = {
         "ppo/steps": len(history),
-        "ppo/reward_mean_start": mean(first, "env/reward_mean"),
-        "ppo/reward_mean_end": mean(last, "env/reward_mean"),
         "objective/kl_start": mean(first, "objective/kl"),
         "objective/kl_end": mean(last, "objective/kl"),
         "objective/kl_coef_end": history[-1]["objective/kl_coef"],
@@ -452,7 +510,12 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
         "time/ppo/step_mean": mean(history, "time/ppo/step"),
         "time/ppo/episodes_per_second": mean(history, "time/ppo/episodes_per_second"),
     }
+    series = [("ppo/reward_mean", "env/reward_mean", "env/reward_std")]
     if "gold/score_mean" in history[0]:
-        out["gold/score_start"] = mean(first, "gold/score_mean")
-        out["gold/score_end"] = mean(last, "gold/score_mean")
+        series.append(("gold/score", "gold/score_mean", "gold/score_std"))
+    for name, mean_key, std_key in series:
+        for when, rows in (("start", first), ("end", last)):
+            value, stderr = window_stats(rows, mean_key, std_key)
+            out[f"{name}_{when}"] = value
+            out[f"{name}_{when}_stderr"] = stderr
     return out

@@ -5,13 +5,14 @@ this config, then on ``eval.num_questions`` unique questions of the ``evaluation
 (no PPO, RM or SFT training ever saw them):
 
 1. samples one response per question from the PPO policy and one from the SFT model with
-   the article's settings (``do_sample``, ``top_k=0``, ``top_p=1.0``, temperature 1,
-   ``eval.max_new_tokens``; EOS handled as in PPO training, ``ppo.stop_at_eos``), batched
-   and left-padded, ``torch`` reseeded before every batch of either model so both draw
-   the same random stream (identical models give identical responses);
+   PPO's sampling settings (``ppo.temperature``, ``ppo.top_k``, ``ppo.top_p``,
+   ``ppo.stop_at_eos``; at most ``eval.max_new_tokens``), batched and left-padded, ``torch``
+   reseeded before every batch of either model so both draw the same random stream
+   (identical models give identical responses);
 2. KL of the policy to the reference on the PPO responses: per response, the sum over its
-   tokens of ``log p_ppo(y_t) - log p_sft(y_t)``, averaged over responses (the k1
-   sequence KL that PPO's ``objective/kl`` reports during training);
+   tokens of the ``ppo.kl_estimator`` estimate from ``log p_ppo(y_t)`` and ``log p_sft(y_t)``
+   (log-probs of softmax(logits / temperature), as in training), averaged over responses:
+   the sequence KL that PPO's ``objective/kl`` reports during training;
 3. scores every response with the reward model (the proxy PPO optimized) and, on
    synthetic data, with the hidden gold scorer (the truth the proxy stands in for).
 
@@ -36,8 +37,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from stackllama import artifacts, precision
-from stackllama.ppo.core import logprobs_from_logits, repetition_stats
-from stackllama.ppo.policy import position_ids_from_mask
+from stackllama.ppo.core import kl_estimate, logprobs_from_hidden, repetition_stats
+from stackllama.ppo.policy import response_hidden
 from stackllama.ppo.rollout import generate_rollout
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,11 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 def sampling_settings(cfg: Any) -> SimpleNamespace:
-    """The article's sampling (pure ancestral sampling), EOS handled as in PPO training."""
-    return SimpleNamespace(top_k=0, top_p=1.0, temperature=1.0, stop_at_eos=bool(cfg.ppo.stop_at_eos))
+    """PPO's own sampling (``ppo.temperature``, ``ppo.top_k``, ``ppo.top_p``, ``ppo.stop_at_eos``):
+    the policy is judged on the distribution it was trained to sample from."""
+    p = cfg.ppo
+    return SimpleNamespace(top_k=int(p.top_k), top_p=float(p.top_p), temperature=float(p.temperature),
+                           stop_at_eos=bool(p.stop_at_eos))
 
 
 @torch.no_grad()
@@ -127,24 +131,32 @@ def sample(
 
 
 @torch.no_grad()
-def response_logprob_sums(model: Any, batches: Sequence[Batch], device: torch.device) -> torch.Tensor:
-    """(N,) sum of ``log p(y_t | x, y_<t)`` over each response's real tokens under ``model``.
+def response_logprobs(model: Any, batches: Sequence[Batch], device: torch.device,
+                      temperature: float = 1.0) -> list[torch.Tensor]:
+    """Per batch, (b, R) ``log p(y_t | x, y_<t)`` of each response token under ``model``, 0 where masked.
 
-    Only the R hidden states that predict response tokens go through the LM head (as in
-    PPO), with positions counted from the attention mask (left padding skipped).
+    The same path as PPO (``response_hidden`` + ``core.logprobs_from_hidden``, logits / T), so
+    the KL reported here is the one training controlled.
     """
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
-    sums = []
+    out = []
     for bt in batches:
-        ids, att = bt.input_ids.to(device), bt.attention_mask.to(device)
-        hidden = backbone(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att),
-                          use_cache=False).last_hidden_state  # (b, Q+R, H)
-        logits = head(hidden[:, bt.query_len - 1:-1])  # (b, R, V): position Q+t-1 predicts token t
-        lp = logprobs_from_logits(logits, bt.response_ids.to(device)).float().cpu()  # (b, R)
-        mask = bt.response_mask.bool()
-        sums.append(torch.where(mask, lp, torch.zeros_like(lp)).sum(1))
-    return torch.cat(sums) if sums else torch.zeros(0)
+        hidden = response_hidden(model, bt.input_ids.to(device), bt.attention_mask.to(device), bt.query_len)
+        lp, _ = logprobs_from_hidden(hidden, head, bt.response_ids.to(device), chunk=len(hidden),
+                                     temperature=temperature)
+        lp = lp.float().cpu()  # (b, R)
+        out.append(torch.where(bt.response_mask.bool(), lp, torch.zeros_like(lp)))
+    return out
+
+
+def sequence_kl(logp: Sequence[torch.Tensor], ref_logp: Sequence[torch.Tensor], batches: Sequence[Batch],
+                estimator: str) -> list[float]:
+    """Per response: sum over its tokens of the per-token KL estimate (``ppo.kl_estimator``)."""
+    out: list[float] = []
+    for lp, ref, bt in zip(logp, ref_logp, batches):
+        kl = kl_estimate(lp, ref, estimator)  # (b, R)
+        out.extend(torch.where(bt.response_mask.bool(), kl, torch.zeros_like(kl)).sum(1).tolist())
+    return out
 
 
 def load_lm(path: Path, cfg: Any, device: torch.device) -> tuple[Any, Any]:
@@ -252,6 +264,7 @@ def compare(
 
     ev, device, seed = cfg.eval, ctx.device, int(cfg.seed)
     sampling = sampling_settings(cfg)
+    mixed = precision.run_mode(cfg)
     bs, max_new = int(ev.batch_size), int(ev.max_new_tokens)
     metrics: dict[str, float] = {}
     if bs < 1 or max_new < 1:
@@ -268,9 +281,9 @@ def compare(
     if skipped:
         log.info("eval: skipped %d questions longer than %d prompt tokens", skipped, cfg.ppo.max_prompt_length)
     log.info("eval: %d questions, %d new tokens, batches of %d", len(qs), max_new, bs)
-    with precision.autocast(cfg.mixed_precision, device):  # sampling; the log-probs below stay unrounded
+    with precision.autocast(mixed, device):  # sampling; the log-probs below stay unrounded
         ppo_batches = sample(model, tok_ppo, qs, query_ids, max_new, bs, sampling, seed, device)
-    logp_ppo = response_logprob_sums(model, ppo_batches, device)
+    logp_ppo = response_logprobs(model, ppo_batches, device, sampling.temperature)
     del model
     _release_memory()
     t1 = time.time()
@@ -281,11 +294,11 @@ def compare(
     sft_query_ids = query_ids if same_vocab else [
         tok_sft(format_prompt(cfg.data.prompt_template, q), add_special_tokens=False)["input_ids"] for q in qs
     ]
-    with precision.autocast(cfg.mixed_precision, device):
+    with precision.autocast(mixed, device):
         sft_batches = sample(model, tok_sft, qs, sft_query_ids, max_new, bs, sampling, seed, device)
     if same_vocab:
-        logp_ref = response_logprob_sums(model, ppo_batches, device)
-        kl = (logp_ppo - logp_ref).tolist()
+        logp_ref = response_logprobs(model, ppo_batches, device, sampling.temperature)
+        kl = sequence_kl(logp_ppo, logp_ref, ppo_batches, str(cfg.ppo.kl_estimator))
     else:
         log.warning("eval: the PPO and SFT tokenizers differ; the KL to the reference is not defined")
         kl = [float("nan")] * len(qs)
@@ -302,7 +315,7 @@ def compare(
     scorer = RewardScorer.from_pretrained(rm_path, device=device, batch_size=int(cfg.ppo.reward_batch_size),
                                           max_length=int(cfg.rm.max_length),  # as PPO scores
                                           template=cfg.data.prompt_template, quant_cfg=cfg.quantization,
-                                          mixed_precision=cfg.mixed_precision)
+                                          mixed_precision=mixed)
     reward_ppo = scorer.score(qs, ppo_texts).tolist()
     reward_sft = scorer.score(qs, sft_texts).tolist()
     del scorer
@@ -375,4 +388,4 @@ def run(cfg: Any, ctx: Any) -> float:
 
 
 __all__ = ["run", "evaluate", "compare", "summarize", "win_rate", "eval_questions", "sample",
-           "response_logprob_sums", "OBJECTIVE"]
+           "response_logprobs", "sequence_kl", "OBJECTIVE"]
