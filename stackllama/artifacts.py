@@ -36,12 +36,12 @@ MANIFEST = "manifest.json"
 
 # Settings that change how a stage is observed, not what it produces.
 _NOT_IN_KEY = {
-    "model": {"cache_dir", "hub_timeout"},
+    "model": {"cache_dir", "hub_timeout", "gguf_source"},
     "sft": {"logging_steps", "save_steps", "save_total_limit", "resume", "num_sample_generations",
-            "sample_max_new_tokens", "eval_size", "eval_batch_size"},
+            "sample_max_new_tokens", "eval_size", "eval_fraction", "eval_batch_size"},
     "rm": {"logging_steps", "eval_batch_size", "max_eval_pairs", "model_path"},
     "ppo": {"log_every", "sample_every", "num_samples", "save_every", "resume", "policy_path",
-            "reward_model_path"},
+            "reward_model_path", "max_nonfinite_skips"},
     "eval": {"num_samples_in_report"},
 }
 UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "eval": ("ppo", "sft", "rm")}
