@@ -25,7 +25,7 @@ import yaml
 
 from stackllama import report
 from stackllama.models.loader import model_folder
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import REPO, compose_cfg, tiny_reward_folder
 
 TINY_EXPERIMENT = """\
 # @package _global_
@@ -50,14 +50,14 @@ def _tiny_folder() -> Path:
 
 def make_workdir(root: Path) -> Path:
     """A working directory with ``experiment=tiny`` (builds SFT/RM) and ``experiment=tiny_fixed``
-    (PPO on the tiny base as both policy and reward model: no SFT/RM to build)."""
+    (PPO on the tiny base as the policy and, with a score head, as the reward model: no SFT/RM to build)."""
     conf = root / "conf" / "experiment"
     conf.mkdir(parents=True)
     (conf / "tiny.yaml").write_text(TINY_EXPERIMENT)
     tiny = _tiny_folder()
     (conf / "tiny_fixed.yaml").write_text(
         "# @package _global_\ndefaults:\n  - tiny\n"
-        f"ppo:\n  policy_path: {tiny}\n  reward_model_path: {tiny}\n"
+        f"ppo:\n  policy_path: {tiny}\n  reward_model_path: {tiny_reward_folder()}\n"
     )
     return root
 
