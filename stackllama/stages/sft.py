@@ -48,7 +48,8 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_path)
     model = load_policy(cfg, ctx, base_path, tokenizer)
     metrics: dict[str, Any] = {**splits.stats, **sft_utils.count_parameters(model)}
-    metrics.update({"data/sft_train_texts": len(train_ds), "data/sft_eval_texts": len(held_ds)})
+    metrics.update({"data/sft_train_texts": len(train_ds), "data/sft_eval_texts": len(held_ds),
+                    "data/sft_eval_questions": len(set(held_ds["question"]))})
 
     held_texts = list(held_ds["text"])
     if main:
@@ -85,8 +86,24 @@ def load_texts(cfg: Any):
     """The finetune split as (splits, training texts, held-out texts)."""
     from stackllama.data import build_dataset
 
+    from stackllama.data import NoUsableRecords, data_location
+
     splits = build_dataset(cfg.data)
-    train_ds, held_ds = sft_utils.hold_out_questions(splits.finetune, int(cfg.sft.eval_size), int(cfg.seed))
+    finetune = splits.finetune
+    if len(finetune) == 0:
+        raise NoUsableRecords(
+            f"No usable records for SFT in {data_location(cfg.data)}: the finetune split's "
+            f"{splits.stats.get('data/finetune_questions', 0)} questions have no answer voted above another "
+            "(an SFT text is an answer that wins a pair); raise data.splits.finetune or use more data")
+    questions = len(set(finetune["question"]))
+    fraction, cap = float(cfg.sft.eval_fraction), int(cfg.sft.eval_size)
+    train_ds, held_ds = sft_utils.hold_out_questions(finetune, cap, int(cfg.seed), fraction)
+    held_questions = len(set(held_ds["question"]))
+    log.info("SFT held out %d of %d finetune questions (%d texts) for perplexity: sft.eval_fraction=%g of the "
+             "questions, at most sft.eval_size=%d texts, at least one question left to train on",
+             held_questions, questions, len(held_ds), fraction, cap)
+    if len(held_ds) == 0:
+        log.warning("SFT holds out nothing (%d finetune question(s)): eval/perplexity will be NaN", questions)
     train_ds = sft_utils.cap_texts(train_ds, cfg.sft.max_train_texts, int(cfg.seed))
     log.info("SFT texts: %d to train on, %d held out for perplexity", len(train_ds), len(held_ds))
     return splits, train_ds, held_ds
