@@ -10,6 +10,9 @@ reuses it); it writes into ``<key>.work/`` (checkpoints live there, so a re-run 
 the finished folder is renamed into place with its ``manifest.json`` last-step-first, so a
 crashed build never leaves a folder a later run trusts. Under DDP the ranks of one job build
 together and only rank 0 touches the lock and the rename (see ``ensure``).
+
+A finished folder whose weights hold a NaN or inf (a diverged training) is refused: nothing
+is published, the build fails naming the file and tensor (``check_finite_weights``).
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ MANIFEST = "manifest.json"
 
 # Settings that change how a stage is observed, not what it produces.
 _NOT_IN_KEY = {
-    "model": {"cache_dir", "hub_timeout"},
+    "model": {"cache_dir", "hub_timeout", "gguf_source"},
     "sft": {"logging_steps", "save_steps", "save_total_limit", "resume", "num_sample_generations",
-            "sample_max_new_tokens", "eval_size", "eval_batch_size"},
+            "sample_max_new_tokens", "eval_size", "eval_fraction", "eval_batch_size"},
     "rm": {"logging_steps", "eval_batch_size", "max_eval_pairs", "model_path", "eval_before"},
     "ppo": {"log_every", "sample_every", "num_samples", "save_every", "resume", "policy_path",
-            "reward_model_path"},
+            "reward_model_path", "max_nonfinite_skips"},
     "eval": {"num_samples_in_report"},
 }
 UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "eval": ("ppo", "sft", "rm")}
@@ -111,6 +114,60 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 BuildFn = Callable[[Any, Any, Path, Path], dict]
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+class NonFiniteWeights(FloatingPointError):
+    """A model about to be published holds NaN or inf values."""
+
+
+def _tensors(obj: Any, prefix: str = ""):
+    """(name, tensor) for every tensor in a (nested) torch.load result."""
+    import torch
+
+    if torch.is_tensor(obj):
+        yield prefix or "<tensor>", obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors(value, f"{prefix}[{i}]")
+
+
+def check_finite_weights(folder: Path, stage: str = "model") -> int:
+    """Raise ``NonFiniteWeights`` naming the first tensor with a NaN/inf in ``folder``'s weight files
+    (safetensors read one tensor at a time from its mmap; .pt/.bin via ``torch.load(weights_only)``);
+    returns the number of tensors checked."""
+    import torch
+    from safetensors import safe_open
+
+    checked = 0
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        if path.name.endswith(".safetensors"):
+            with safe_open(str(path), framework="pt") as fh:
+                named = ((name, fh.get_tensor(name)) for name in fh.keys())
+                checked += _first_non_finite(named, path, stage)
+        else:
+            named = _tensors(torch.load(path, map_location="cpu", weights_only=True))
+            checked += _first_non_finite(named, path, stage)
+    return checked
+
+
+def _first_non_finite(named: Any, path: Path, stage: str) -> int:
+    import torch
+
+    n = 0
+    for name, tensor in named:
+        n += 1
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteWeights(
+                f"refusing to publish the {stage} artifact: {path.name} tensor {name!r} holds {bad} NaN/inf "
+                f"values of {tensor.numel()} (training diverged; lower the stage's learning rate). Nothing was "
+                f"published; the build folder is {path.parent}")
+    return n
 
 
 @contextlib.contextmanager
@@ -196,6 +253,7 @@ def ensure(stage: str, cfg: Any, ctx: Any, build: BuildFn) -> tuple[Path, dict[s
             metrics = build(cfg, ctx, work, out)
 
         def publish() -> dict[str, Any]:  # rank 0 (or the only process)
+            check_finite_weights(tmp, stage)  # a diverged model is never published
             manifest = {
                 "stage": stage,
                 "key": final.name,

@@ -4,11 +4,21 @@ Hydra validates each composed config against these dataclasses, so an unknown ke
 (``sft.learnign_rate=1``) or a wrong type (``ppo.batch_size=big``) fails before any
 model loads, naming the key. Defaults follow the StackLlama article unless noted; the
 embedded CPU default shrinks them through ``conf/experiment/embedded.yaml``.
+
+Valid ranges live on the fields themselves (``metadata=positive()``, ``at_least(1)``,
+``in_range(0, 1)``, ...). ``validate(cfg)`` (run by ``stackllama.task.run_task`` before any
+model loads) walks every field of the composed config against them, rejects keys the
+schema does not know (``+sft.learnign_rate=1``: Hydra's ``+`` adds keys even to typed
+nodes), checks the string choices in ``CHOICES`` and the cross-field rules, and reports
+every problem at once, each naming the key, its value and what is valid.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -17,16 +27,79 @@ from omegaconf import MISSING
 STAGES = ("sft", "rm", "ppo", "eval", "all")
 
 
+# ----------------------------------------------------------------------------- valid ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one numeric setting: an interval, plus special values outside it.
+
+    Declared on the schema field (``field(default=..., metadata=at_least(1))``) and read by
+    ``validate``; None (an Optional setting left unset) is always accepted.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()  # special values accepted outside the interval (rm.max_steps=-1)
+    hint: str = ""  # what the special values mean, shown in the message
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if value in self.also:
+            return True
+        if not math.isfinite(value):  # NaN compares False with everything: refuse it explicitly
+            return False
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return False
+        return not (self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)))
+
+    def describe(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else repr(x)
+
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        elif self.hi is not None:
+            text = f"{'<' if self.hi_open else '<='} {num(self.hi)}"
+        else:
+            text = "a finite number"
+        text += "".join(f" or {num(v)}" for v in self.also)
+        return text + (f" ({self.hint})" if self.hint else "")
+
+
+def in_range(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False,
+             also: tuple = (), hint: str = "") -> dict[str, Range]:
+    """Field metadata: ``lo <= value <= hi`` (either end open or None for unbounded)."""
+    return {"range": Range(lo, hi, lo_open, hi_open, tuple(also), hint)}
+
+
+def at_least(n: float, also: tuple = (), hint: str = "") -> dict[str, Range]:
+    return in_range(n, None, also=also, hint=hint)
+
+
+def positive(hint: str = "") -> dict[str, Range]:
+    return in_range(0, None, lo_open=True, hint=hint)
+
+
+def non_negative(hint: str = "") -> dict[str, Range]:
+    return in_range(0, None, hint=hint)
+
+
 @dataclass
 class TinyModelConfig:
     """Shape of the random-init Llama built for tests (``model=tiny``)."""
 
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 1024
+    hidden_size: int = field(default=64, metadata=at_least(1))
+    intermediate_size: int = field(default=128, metadata=at_least(1))
+    num_hidden_layers: int = field(default=2, metadata=at_least(1))
+    num_attention_heads: int = field(default=4, metadata=at_least(1))
+    num_key_value_heads: int = field(default=2, metadata=at_least(1))
+    max_position_embeddings: int = field(default=1024, metadata=at_least(2))
 
 
 @dataclass
@@ -35,7 +108,8 @@ class ModelConfig:
 
     Resolution order for ``name_or_path`` (see ``stackllama.models.resolve``): an existing
     local folder; our conversion cache / the HF cache; the hub, only when reachable;
-    the GGUF file shipped in ``gguf_package``; otherwise an error naming each option.
+    the GGUF file shipped in ``gguf_package`` (only when ``name_or_path`` is ``gguf_source``,
+    the model that file is a copy of); otherwise an error naming each place looked in.
     """
 
     name: str = MISSING  # short label used in run names and artifact keys
@@ -43,9 +117,11 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # defaults to name_or_path (tiny: the SmolLM2 tokenizer)
     gguf_package: Optional[str] = None  # Python package shipping a GGUF copy
     gguf_file: Optional[str] = None
+    gguf_source: Optional[str] = None  # the hub id that GGUF is a copy of: used for that name only
     cache_dir: str = "${oc.env:STACKLLAMA_CACHE,${oc.env:HOME}/.cache/stackllama}/models"
     dtype: str = "float32"  # float32 | bfloat16 | float16: weights of the unquantized parts
-    hub_timeout: float = 3.0  # seconds to wait for the hub before treating it as offline
+    # seconds to wait for the hub before treating it as offline
+    hub_timeout: float = field(default=3.0, metadata=positive())
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -64,36 +140,37 @@ class LoraConfig:
     """peft LoRA adapters; ``enabled: false`` trains all weights (or none, when quantized)."""
 
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = field(default=16, metadata=at_least(1))
+    alpha: int = field(default=32, metadata=positive())
+    dropout: float = field(default=0.05, metadata=in_range(0, 1, hi_open=True))
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     bias: str = "none"
     task_type: str = "CAUSAL_LM"  # CAUSAL_LM for policies, SEQ_CLS for reward models
     # Adapters on the last N decoder layers only (peft's layers_to_transform); None: every layer.
     # Nothing below the lowest adapted layer needs a gradient, so backward stops there: a
     # SmolLM2 (30 layers) train step with adapters on the top 6 runs ~1.9x faster than on all 30.
-    top_layers: Optional[int] = None
+    top_layers: Optional[int] = field(default=None, metadata=at_least(1))
 
 
 @dataclass
 class SplitsConfig:
     """Fractions of questions per split; no question lands in two splits."""
 
-    finetune: float = 0.3
-    reward: float = 0.3
-    rl: float = 0.3
-    evaluation: float = 0.1
+    finetune: float = field(default=0.3, metadata=in_range(0, 1))
+    reward: float = field(default=0.3, metadata=in_range(0, 1))
+    rl: float = field(default=0.3, metadata=in_range(0, 1))
+    evaluation: float = field(default=0.1, metadata=in_range(0, 1))
 
 
 @dataclass
 class SyntheticDataConfig:
     """Offline Stack-Exchange-like corpus whose votes come from a hidden gold scorer."""
 
-    num_questions: int = 1200
-    min_answers: int = 2
-    max_answers: int = 5
-    vote_noise: float = 0.5  # std of Gaussian noise added to the gold quality before voting
+    num_questions: int = field(default=1200, metadata=at_least(1))
+    min_answers: int = field(default=2, metadata=at_least(1))
+    max_answers: int = field(default=5, metadata=at_least(1))
+    # std of Gaussian noise added to the gold quality before voting
+    vote_noise: float = field(default=0.5, metadata=non_negative())
 
 
 @dataclass
@@ -104,13 +181,13 @@ class DataConfig:
     path: Optional[str] = None  # local file/folder; None means the hub id (if any)
     hub_id: Optional[str] = None
     hub_split: str = "train"
-    max_questions: Optional[int] = None  # cap after filtering, for quick runs
-    min_answers: int = 2
-    max_pairs_per_question: int = 10
+    max_questions: Optional[int] = field(default=None, metadata=at_least(1))  # cap after filtering, for quick runs
+    min_answers: int = field(default=2, metadata=at_least(1))
+    max_pairs_per_question: int = field(default=10, metadata=at_least(1))
     prompt_template: str = "Question: {question}\n\nAnswer: {answer}"
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    seed: int = "${seed}"  # type: ignore[assignment]
+    seed: int = field(default="${seed}", metadata=in_range(0, 2**32 - 1))  # type: ignore[assignment]
 
 
 @dataclass
@@ -124,25 +201,28 @@ class StageConfig:
 class SFTConfig:
     """Supervised fine-tuning (TRL SFTTrainer). Defaults are the article's."""
 
-    learning_rate: float = 1e-4
+    learning_rate: float = field(default=1e-4, metadata=positive())
     lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
-    seq_length: int = 1024
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 10000
+    warmup_steps: int = field(default=100, metadata=non_negative())
+    weight_decay: float = field(default=0.05, metadata=non_negative())
+    seq_length: int = field(default=1024, metadata=at_least(2))
+    batch_size: int = field(default=4, metadata=at_least(1))
+    gradient_accumulation_steps: int = field(default=1, metadata=at_least(1))
+    max_steps: int = field(default=10000, metadata=at_least(1))
     packing: bool = True
-    eval_size: int = 200  # held-out finetune-split texts for perplexity
-    eval_batch_size: int = 4
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int = 2
+    # Held out for perplexity: whole finetune questions in a seeded order, until eval_fraction of the
+    # questions or eval_size texts (the cap) is reached, always leaving one question to train on.
+    eval_fraction: float = field(default=0.1, metadata=in_range(0, 1, hi_open=True))
+    eval_size: int = field(default=200, metadata=non_negative())  # cap on held-out texts (0: hold out none)
+    eval_batch_size: int = field(default=4, metadata=at_least(1))
+    logging_steps: int = field(default=10, metadata=at_least(1))
+    save_steps: int = field(default=500, metadata=at_least(1))
+    save_total_limit: int = field(default=2, metadata=non_negative(hint="0: keep every checkpoint"))
     gradient_checkpointing: bool = False
-    num_sample_generations: int = 4
-    sample_max_new_tokens: int = 64
+    num_sample_generations: int = field(default=4, metadata=non_negative())
+    sample_max_new_tokens: int = field(default=64, metadata=at_least(1))
     resume: bool = True  # continue from the last checkpoint in output_dir when present
-    max_train_texts: Optional[int] = None  # cap on training texts (quick runs)
+    max_train_texts: Optional[int] = field(default=None, metadata=at_least(1))  # cap on training texts (quick runs)
 
 
 @dataclass
@@ -153,19 +233,20 @@ class RMConfig:
     lora: LoraConfig = field(
         default_factory=lambda: LoraConfig(enabled=True, r=8, alpha=32, dropout=0.1, task_type="SEQ_CLS")
     )  # filled from the lora group too: `lora@rm.lora=none` trains the full model
-    learning_rate: float = 2e-5
-    batch_size: int = 4
-    eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    max_length: int = 512
-    weight_decay: float = 0.001
+    learning_rate: float = field(default=2e-5, metadata=positive())
+    batch_size: int = field(default=4, metadata=at_least(1))
+    eval_batch_size: int = field(default=8, metadata=at_least(1))
+    gradient_accumulation_steps: int = field(default=1, metadata=at_least(1))
+    num_train_epochs: float = field(default=1.0, metadata=positive())
+    max_steps: int = field(default=-1, metadata=at_least(1, also=(-1,), hint="-1: train rm.num_train_epochs epochs"))
+    max_length: int = field(default=512, metadata=at_least(2))
+    weight_decay: float = field(default=0.001, metadata=non_negative())
     lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
-    logging_steps: int = 10
-    max_train_pairs: Optional[int] = None  # a cap; with group_by_question whole questions are kept
-    max_eval_pairs: Optional[int] = None
+    warmup_steps: int = field(default=0, metadata=non_negative())
+    logging_steps: int = field(default=10, metadata=at_least(1))
+    # a cap; with group_by_question whole questions are kept
+    max_train_pairs: Optional[int] = field(default=None, metadata=at_least(1))
+    max_eval_pairs: Optional[int] = field(default=None, metadata=at_least(1))
     # Also score the held-out pairs before training (eval/accuracy_before: what training bought);
     # one more pass over them
     eval_before: bool = True
@@ -177,7 +258,7 @@ class RMConfig:
     # Grouped batches only: distinct texts per forward pass, length-sorted, each chunk padded
     # to its own longest text (a question's answers differ in length). None: one forward a
     # batch (best on a GPU); 4 on CPU cuts the padded tokens from 37% to ~15% (batches of 8 pairs).
-    forward_chunk_size: Optional[int] = None
+    forward_chunk_size: Optional[int] = field(default=None, metadata=at_least(1))
 
 
 @dataclass
@@ -186,28 +267,29 @@ class PPOConfig:
 
     policy_path: Optional[str] = None  # None: the SFT artifact for this config
     reward_model_path: Optional[str] = None  # None: the RM artifact for this config
-    steps: int = 20000  # PPO steps (batches of rollouts)
-    batch_size: int = 32  # episodes per step (article: 32 per process)
-    mini_batch_size: int = 4  # episodes per forward/backward
-    gradient_accumulation_steps: int = 1
-    ppo_epochs: int = 4
-    learning_rate: float = 1.4e-5
-    max_grad_norm: float = 1.0
+    steps: int = field(default=20000, metadata=at_least(1))  # PPO steps (batches of rollouts)
+    batch_size: int = field(default=32, metadata=at_least(1))  # episodes per step (article: 32 per process)
+    mini_batch_size: int = field(default=4, metadata=at_least(1))  # episodes per forward/backward
+    gradient_accumulation_steps: int = field(default=1, metadata=at_least(1))
+    ppo_epochs: int = field(default=4, metadata=at_least(1))
+    learning_rate: float = field(default=1.4e-5, metadata=positive())
+    max_grad_norm: float = field(default=1.0, metadata=positive())
     # Rollout
-    max_prompt_length: int = 256  # longer prompts are skipped and counted
-    min_new_tokens: int = 32  # length sampler lower bound (inclusive)
-    max_new_tokens: int = 128  # length sampler upper bound (exclusive)
+    max_prompt_length: int = field(default=256, metadata=at_least(1))  # longer prompts are skipped and counted
+    min_new_tokens: int = field(default=32, metadata=at_least(1))  # length sampler lower bound (inclusive)
+    max_new_tokens: int = field(default=128, metadata=at_least(2))  # length sampler upper bound (exclusive)
     # false (the article): each response runs to its sampled length, sampling past EOS from the
     # unmodified distribution (EOS is never masked out). true: a response ends at its first EOS.
     stop_at_eos: bool = False
     # stop_at_eos only: subtracted from the score of a response that reached its length without
     # an EOS (TRL's missing_eos_penalty; in the units of the normalized score). None: no penalty.
-    missing_eos_penalty: Optional[float] = None
-    top_k: int = 0  # 0 = off. Sampling and the PPO log-probs then differ: keep 0 for on-policy PPO
-    top_p: float = 1.0  # 1.0 = off (same caveat as top_k)
+    missing_eos_penalty: Optional[float] = field(default=None, metadata=non_negative())
+    # 0 = off. Sampling and the PPO log-probs then differ: keep 0 for on-policy PPO
+    top_k: int = field(default=0, metadata=non_negative(hint="0: no top-k filtering"))
+    top_p: float = field(default=1.0, metadata=in_range(0, 1, lo_open=True))  # 1.0 = off (same caveat)
     # Sampling temperature; the training forward divides the logits by the same value, so the
     # log-probs PPO and the KL use are those of the distribution that produced the tokens.
-    temperature: float = 1.0
+    temperature: float = field(default=1.0, metadata=positive())
     # Reward
     reward_baseline: float = 0.0  # subtracted from every raw score
     # Score scale: none (raw RM scores) | sft (minus the mean, over the std, of the scores of the
@@ -215,47 +297,54 @@ class PPOConfig:
     # step) | running (running mean/std over all scores so far). Makes kl_coef and the value
     # head's targets independent of the reward model's offset and scale.
     score_normalize: str = "none"
-    score_clip: Optional[float] = None  # clip the (normalized) score to [-c, c]
-    reward_batch_size: int = 16
+    score_clip: Optional[float] = field(default=None, metadata=positive())  # clip the (normalized) score to [-c, c]
+    reward_batch_size: int = field(default=16, metadata=at_least(1))
     # KL
-    kl_coef: Optional[float] = None  # set it to fix beta; None uses the adaptive controller
+    # set it to fix beta; None uses the adaptive controller
+    kl_coef: Optional[float] = field(default=None, metadata=non_negative())
     adap_kl_ctrl: bool = True
-    init_kl_coef: float = 0.2
-    target: float = 6.0
-    horizon: float = 10000.0
+    init_kl_coef: float = field(default=0.2, metadata=non_negative())
+    target: float = field(default=6.0, metadata=positive())
+    horizon: float = field(default=10000.0, metadata=positive())
     kl_estimator: str = "k1"  # k1 | k2 | k3 | abs
     # PPO objective
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
+    gamma: float = field(default=1.0, metadata=in_range(0, 1))
+    lam: float = field(default=0.95, metadata=in_range(0, 1))
+    cliprange: float = field(default=0.2, metadata=positive())
+    cliprange_value: float = field(default=0.2, metadata=positive())
     # Dual-clip PPO (Ye et al. 2020; verl's clip_ratio_c): where the advantage is negative the
     # per-token loss is capped at -dual_clip * A. None: off; typical 3.0.
-    dual_clip: Optional[float] = None
-    vf_coef: float = 0.1
+    dual_clip: Optional[float] = field(default=None, metadata=in_range(1, None, lo_open=True))
+    vf_coef: float = field(default=0.1, metadata=non_negative())
     whiten_advantages: bool = True
     # The first N steps train the value head only (the policy does not move, its gradient does
     # not reach the backbone), so the advantages of the first policy updates come from a
     # critic that has seen the reward scale rather than from a random head.
-    critic_warmup_steps: int = 0
-    ratio_threshold: float = 10.0
-    target_kl: Optional[float] = None  # early-stop PPO epochs when approx KL exceeds it
+    critic_warmup_steps: int = field(default=0, metadata=non_negative())
+    # skip a micro-batch whose mean PPO ratio exceeds it (or is NaN)
+    ratio_threshold: float = field(default=10.0, metadata=in_range(1, None, lo_open=True, hint="the ratio starts at 1"))
+    # A micro-batch with a NaN/inf loss or ratio, or an update with a NaN/inf gradient norm, is skipped
+    # and counted (ppo/skipped_nonfinite); this many mini-batches in a row without an update because
+    # of one end the run with an error (the policy has diverged).
+    max_nonfinite_skips: int = field(default=3, metadata=at_least(1))
+    # early-stop PPO epochs when approx KL exceeds it
+    target_kl: Optional[float] = field(default=None, metadata=positive())
     # Memory: for small models the (episodes x tokens x vocabulary) logits, not the weights, set
     # the peak. The LM head runs on this many episodes at a time (checkpointed in training).
-    head_chunk_size: int = 1
+    head_chunk_size: int = field(default=1, metadata=at_least(1))
     # CPU + glibc only: hand freed heap memory back to the OS between phases (rollout, no-grad
     # pass, optimisation), which otherwise each keep a freed heap (bench_ppo.py: see bench/README).
     malloc_trim: bool = True
     # CPU + glibc only: allocations above this many MiB are mmapped and returned on free: lowest
     # peak RSS, but each costs fresh page faults (1 MiB: 1.8x slower PPO on the tiny model).
-    malloc_mmap_threshold_mb: Optional[int] = None
+    malloc_mmap_threshold_mb: Optional[int] = field(default=None, metadata=at_least(0))
     # auto | no | bf16 | fp16 for this stage's rollouts and passes; None: the run-wide mixed_precision
     mixed_precision: Optional[str] = None
     # Bookkeeping
-    log_every: int = 1
-    sample_every: int = 10
-    num_samples: int = 4
-    save_every: int = 50
+    log_every: int = field(default=1, metadata=non_negative(hint="0 logs every step, as 1"))
+    sample_every: int = field(default=10, metadata=non_negative(hint="0: never"))
+    num_samples: int = field(default=4, metadata=non_negative())
+    save_every: int = field(default=50, metadata=non_negative(hint="0: no checkpoints"))
     resume: bool = True
 
 
@@ -263,10 +352,10 @@ class PPOConfig:
 class EvalConfig:
     """Compare the PPO policy against its SFT reference on held-out questions."""
 
-    num_questions: int = 64
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    num_samples_in_report: int = 6
+    num_questions: int = field(default=64, metadata=at_least(1))
+    max_new_tokens: int = field(default=64, metadata=at_least(1))
+    batch_size: int = field(default=16, metadata=at_least(1))
+    num_samples_in_report: int = field(default=6, metadata=non_negative())
 
 
 @dataclass
@@ -295,7 +384,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seed: int = 0
+    seed: int = field(default=0, metadata=in_range(0, 2**32 - 1))
     run_name: Optional[str] = None
     artifacts_dir: str = "${oc.env:STACKLLAMA_ARTIFACTS,${hydra:runtime.cwd}/artifacts}"
     device: str = "auto"  # auto | cpu | cuda
@@ -349,6 +438,126 @@ def validate_choices(cfg: Any) -> None:
                          f"null (the run-wide mixed_precision), {', '.join(MIXED_PRECISION)}")
     if cfg.ppo.head_chunk_size < 1:
         raise ValueError(f"ppo.head_chunk_size must be >= 1, got {cfg.ppo.head_chunk_size}")
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message lists each, with the key and what is valid."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(problems) == 1:
+            text = f"invalid setting: {problems[0]}"
+        else:
+            text = f"{len(problems)} invalid settings:\n  - " + "\n  - ".join(problems)
+        super().__init__(text)
+
+
+def _schema_problems(node: Any, schema: type, prefix: str, bad: set[str]) -> list[str]:
+    """Unknown keys, missing values and out-of-range numbers under ``node`` (typed as ``schema``)."""
+    from omegaconf import OmegaConf
+
+    problems: list[str] = []
+    names = [f.name for f in fields(schema)]
+    hints = typing.get_type_hints(schema)
+    where = prefix.rstrip(".") or "the root config"
+    for key in node.keys():
+        if key in names or (not prefix and key == "hydra"):
+            continue
+        # Hydra's +key= adds a key even to a typed (struct) node: catch it here, by the schema.
+        close = difflib.get_close_matches(str(key), names, n=1)
+        problems.append(f"{prefix}{key} is not a setting of {where} (drop the +override); "
+                        + (f"did you mean {prefix}{close[0]}?" if close else f"its settings: {', '.join(names)}"))
+        bad.add(f"{prefix}{key}")
+    for f in fields(schema):
+        key = prefix + f.name
+        if f.name not in node:
+            continue
+        if OmegaConf.is_missing(node, f.name):
+            problems.append(f"{key} is required (it is ???): set {key}=<value>")
+            bad.add(key)
+            continue
+        if is_dataclass(hints[f.name]):
+            problems += _schema_problems(node[f.name], hints[f.name], key + ".", bad)
+            continue
+        valid: Range | None = f.metadata.get("range")
+        if valid is None or OmegaConf.is_interpolation(node, f.name):  # ${seed}: its source is checked
+            continue
+        value = node[f.name]
+        if value is not None and not valid.accepts(value):
+            problems.append(f"{key}={value!r} is out of range: must be {valid.describe()}")
+            bad.add(key)
+    return problems
+
+
+def _cross_field_problems(cfg: Any, bad: set[str]) -> list[str]:
+    """Rules between settings; each runs only when its settings passed their own range checks."""
+    problems: list[str] = []
+
+    def ok(*keys: str) -> bool:
+        return not bad.intersection(keys)
+
+    fracs = cfg.data.splits
+    names = ("finetune", "reward", "rl", "evaluation")
+    if ok(*(f"data.splits.{n}" for n in names)):
+        total = sum(float(fracs[n]) for n in names)
+        if abs(total - 1.0) > 1e-6:
+            problems.append(f"data.splits must sum to 1, got {total:.4g} "
+                            f"({' + '.join(f'{n}={fracs[n]}' for n in names)})")
+    ppo = cfg.ppo
+    if ok("ppo.min_new_tokens", "ppo.max_new_tokens") and ppo.min_new_tokens >= ppo.max_new_tokens:
+        problems.append(f"ppo.min_new_tokens={ppo.min_new_tokens} must be < ppo.max_new_tokens={ppo.max_new_tokens} "
+                        "(response lengths are drawn from [min, max))")
+    if ok("ppo.batch_size", "ppo.mini_batch_size") and ppo.batch_size % ppo.mini_batch_size:
+        problems.append(f"ppo.batch_size={ppo.batch_size} must be a multiple of ppo.mini_batch_size="
+                        f"{ppo.mini_batch_size}")
+    if ok("ppo.mini_batch_size", "ppo.gradient_accumulation_steps") and \
+            ppo.mini_batch_size % ppo.gradient_accumulation_steps:
+        problems.append(f"ppo.mini_batch_size={ppo.mini_batch_size} must be a multiple of "
+                        f"ppo.gradient_accumulation_steps={ppo.gradient_accumulation_steps} "
+                        "(each mini-batch is split into that many micro-batches)")
+    syn = cfg.data.synthetic
+    if ok("data.synthetic.min_answers", "data.synthetic.max_answers") and syn.min_answers > syn.max_answers:
+        problems.append(f"data.synthetic.min_answers={syn.min_answers} must be <= data.synthetic.max_answers="
+                        f"{syn.max_answers}")
+    data = cfg.data
+    if data.source == "stackexchange_dump" and not data.path:
+        problems.append("data.source=stackexchange_dump needs data.path=<a site folder or its Posts.xml>")
+    if data.source in ("h4_preferences", "paired") and not data.path and not data.hub_id:
+        problems.append(f"data.source={data.source} needs data.path=<a local .jsonl/.json/.parquet copy> "
+                        "(or data.hub_id= with the hub reachable)")
+    tiny = cfg.model.tiny
+    if cfg.model.name_or_path == "tiny" and ok("model.tiny.hidden_size", "model.tiny.num_attention_heads",
+                                                 "model.tiny.num_key_value_heads"):
+        if tiny.hidden_size % tiny.num_attention_heads:
+            problems.append(f"model.tiny.hidden_size={tiny.hidden_size} must be a multiple of "
+                            f"model.tiny.num_attention_heads={tiny.num_attention_heads}")
+        elif tiny.num_attention_heads % tiny.num_key_value_heads:
+            problems.append(f"model.tiny.num_attention_heads={tiny.num_attention_heads} must be a multiple of "
+                            f"model.tiny.num_key_value_heads={tiny.num_key_value_heads}")
+    return problems
+
+
+def validate(cfg: Any) -> None:
+    """Check every setting of a composed config against the schema; raise ``ConfigError`` listing
+    each problem (key, value, what is valid). Reads the config only: no model, data or network.
+
+    Order: unknown keys, missing values and ranges (every field, by its ``metadata``), the
+    string choices (``CHOICES``), then the cross-field rules, which skip settings that already
+    failed (so ``ppo.mini_batch_size=0`` is reported as out of range, never divided by).
+    """
+    from omegaconf import OmegaConf
+
+    bad: set[str] = set()
+    problems = _schema_problems(cfg, Config, "", bad)
+    for key, valid in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if key not in bad and value not in valid:
+            problems.append(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+            bad.add(key)
+    problems += _cross_field_problems(cfg, bad)
+    if problems:
+        raise ConfigError(problems)
+    validate_choices(cfg)  # the older checks (all pass here unless a rule of theirs is not mirrored above)
 
 
 def register_configs() -> None:

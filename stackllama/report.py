@@ -7,7 +7,9 @@ the Markdown table. One row per job folder (any folder holding ``.hydra/override
 whatever launcher or sweeper ran it. The table shows the overrides that vary across the
 jobs (the swept values; the ones every job shares are listed once above it), the job's
 status and objective, and the headline figures; the CSV holds every metric of every job.
-Failed jobs stay in the table, marked ``failed`` and listed with their error below it; a
+Failed jobs stay in the table, marked ``failed`` and listed with their error below it; a job
+stopped by SIGTERM/Ctrl-C (preemption, a time limit) is marked ``interrupted`` with its signal;
+one still marked running is shown as ``running (or killed)`` (SIGKILL leaves no trace); a
 job that left no ``metrics.json`` (killed before it started) is marked ``missing``. An
 Optuna sweep's ``optimization_results.yaml`` (best parameters and value) is quoted.
 

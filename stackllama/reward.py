@@ -179,12 +179,18 @@ class RewardScorer:
     ) -> "RewardScorer":
         """Load a merged reward-model folder (weights + score head + tokenizer), frozen, in eval mode.
 
+        Raises ``NotAModelFolder`` when ``path`` is not a model folder or its checkpoint holds no
+        score head (``stackllama.models.resolve.check_reward_model``).
+
         ``quant_cfg`` (a ``quantization`` config node) loads the weights 8-bit/NF4; ``dtype``
         defaults to the dtype the folder was saved in.
         """
         from stackllama.config import QuantizationConfig
         from stackllama.models.loader import DTYPES, load_model, load_tokenizer
+        from stackllama.models.resolve import check_reward_model
 
+        # A causal-LM folder would load too, with a randomly initialised score head: refuse it.
+        check_reward_model(path)
         tokenizer = load_tokenizer(path, padding_side=padding_side or "right")
         if dtype is None:
             saved = _saved_dtype(Path(path))

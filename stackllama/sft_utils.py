@@ -22,33 +22,35 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- data
 
 
-def hold_out_questions(dataset: Any, eval_size: int, seed: int) -> tuple[Any, Any]:
+def hold_out_questions(dataset: Any, eval_size: int, seed: int, fraction: float | None = None) -> tuple[Any, Any]:
     """Split a finetune ``datasets.Dataset`` into (train, held-out) texts, by whole questions.
 
     A question often has several winning answers (several texts); holding out texts one by
     one would put the same question on both sides and flatter the held-out perplexity. So
-    questions are shuffled with ``seed`` and taken until ``eval_size`` texts are held out;
-    the remaining answers of the last question taken are dropped from both sides.
+    questions are shuffled with ``seed`` and taken until ``eval_size`` texts are held out (the
+    remaining answers of the last question taken are dropped from both sides) or, with
+    ``fraction``, until that fraction of the questions (rounded up) is taken. At least one
+    question is always left to train on, so a small data set holds out less rather than
+    everything; with fewer than two questions nothing is held out.
     """
-    if eval_size <= 0:
-        return dataset, dataset.select([])
     questions = sorted(set(dataset["question"]))  # sorted: independent of row order
+    if eval_size <= 0 or len(questions) < 2 or (fraction is not None and fraction <= 0):
+        return dataset, dataset.select([])
     random.Random(f"{seed}-sft-holdout").shuffle(questions)
+    max_questions = len(questions) - 1
+    if fraction is not None:
+        max_questions = min(max_questions, max(1, math.ceil(fraction * len(questions))))
     rows_of: dict[str, list[int]] = {}
     for i, q in enumerate(dataset["question"]):
         rows_of.setdefault(q, []).append(i)
     held: list[int] = []
     taken: set[str] = set()
     for q in questions:
-        if len(held) >= eval_size:
+        if len(held) >= eval_size or len(taken) >= max_questions:
             break
         taken.add(q)
         held.extend(rows_of[q][: eval_size - len(held)])
     train = [i for i, q in enumerate(dataset["question"]) if q not in taken]
-    if not train:
-        raise ValueError(
-            f"sft.eval_size={eval_size} holds out every finetune question ({len(questions)}); lower it"
-        )
     return dataset.select(train), dataset.select(held)
 
 

@@ -1,11 +1,19 @@
 """Task wrapper around every stage run.
 
-Opens the tracker and ``metrics.json``, validates the config, joins the job's process
-group when it has several processes (``stackllama.distributed``), seeds, runs the stage,
-and always closes the tracker with an exit code (1 on an exception, so the W&B run shows
-as failed). In a multirun a failing job records its error in ``metrics.json``, returns
-NaN (None under Optuna, which then marks the trial FAIL) and the sweep goes on; a single
-run re-raises (so does a multirun job with ``+extra.continue_on_failure=false``).
+Opens the tracker and ``metrics.json``, validates every setting (``stackllama.config.validate``)
+and checks the models the job will need (``stackllama.preflight``) before anything loads,
+joins the job's process group when it has several processes (``stackllama.distributed``),
+seeds, runs the stage, and always closes the tracker with an exit code (1 on an exception,
+so the W&B run shows as failed). In a multirun a failing job records its error in
+``metrics.json``, returns NaN (None under Optuna, which then marks the trial FAIL) and the
+sweep goes on; a single run re-raises (so does a multirun job with
+``+extra.continue_on_failure=false``).
+
+SIGTERM (Slurm preemption or time limit, ``kill``) and Ctrl-C (SIGINT) end the run as
+``run/status: interrupted`` with ``run/signal`` in ``metrics.json``, close the tracker with
+the conventional exit code 128 + signal number (143, 130) and exit with it, in a multirun
+too (the sweep stops: its remaining jobs would be preempted as well). Checkpoints stay, so
+the same command resumes.
 
 With several processes (DDP) only rank 0 writes ``metrics.json``, the resolved config and
 the tracker; rank ``r`` keeps its figures in ``rank<r>/metrics.json`` of the same run dir.
@@ -14,6 +22,8 @@ the tracker; rank ``r`` keeps its figures in ``rank<r>/metrics.json`` of the sam
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -26,7 +36,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stackllama import distributed, precision
-from stackllama.config import validate_choices
+from stackllama import preflight
+from stackllama.config import ConfigError, validate
 from stackllama.metrics import Metrics
 from stackllama.tracking import Tracker, make_tracker
 
@@ -121,8 +132,49 @@ def _numeric_or_text(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
 
 
+class Interrupted(BaseException):
+    """A termination signal arrived: a BaseException, so the stages' ``except Exception``
+    handlers let it through, as they do KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name}")
+
+
+class _TerminationSignals:
+    """Turn SIGTERM into ``Interrupted`` while a task runs (SIGINT already raises KeyboardInterrupt).
+
+    Installed only in the main thread (Python allows no other) and restored afterwards. Only
+    the first signal raises: a second one (Slurm repeats SIGTERM before its SIGKILL) must not
+    interrupt the cleanup that records the first.
+    """
+
+    def __init__(self) -> None:
+        self.previous: Any = None
+        self.fired = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.fired:
+            self.fired = True
+            raise Interrupted(signum)
+
+    def __enter__(self) -> "_TerminationSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def run_task(cfg: DictConfig) -> float | None:
     """Run the configured stage; returns the sweep objective (None when the stage has none)."""
+    with _TerminationSignals():
+        return _run_task(cfg)
+
+
+def _run_task(cfg: DictConfig) -> float | None:
     from stackllama.models.loader import resolve_device
     from stackllama.stages import get_runner
 
@@ -141,8 +193,9 @@ def run_task(cfg: DictConfig) -> float | None:
             extra = {"hydra": {"overrides": job.overrides, "job_num": job.num, "run_dir": str(job.run_dir)}}
             tracker = make_tracker(cfg, job.run_dir, cfg.run_name or job.name, job.group,
                                    tags=[cfg.stage.name, *job.tags], extra_config=extra)
-        validate_choices(cfg)
+        validate(cfg)  # every setting, before anything loads
         runner = get_runner(cfg.stage.name)  # fails early for unknown / unbuilt stages
+        preflight.check(cfg)  # the models this job needs exist and are models (reads configs/headers only)
         topology = distributed.setup(cfg.device, stage=cfg.stage.name)
         device = resolve_device(cfg.device)
         if device.type == "cuda" and topology.is_distributed:
@@ -161,9 +214,22 @@ def run_task(cfg: DictConfig) -> float | None:
         exit_code = 0
         metrics.update({"run/status": "completed", "run/objective": objective})
         return objective
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+        name = signal.Signals(signum).name
+        exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for Ctrl-C
+        metrics.update({"run/status": "interrupted", "run/signal": name,
+                        "run/error": f"{name} (re-run the same command to resume)"})
+        log.error("Stage %s interrupted by %s; checkpoints are kept, the same command resumes", cfg.stage.name, name)
+        if isinstance(exc, KeyboardInterrupt):
+            raise  # Python exits with 130 itself
+        raise SystemExit(exit_code) from None
     except Exception as exc:
         metrics.update({"run/status": "failed", "run/error": f"{type(exc).__name__}: {exc}"})
-        log.error("Stage %s failed:\n%s", cfg.stage.name, traceback.format_exc())
+        if isinstance(exc, ConfigError):  # the message says it all; no traceback to read through
+            log.error("Stage %s not started: %s", cfg.stage.name, exc)
+        else:
+            log.error("Stage %s failed:\n%s", cfg.stage.name, traceback.format_exc())
         if job.multirun and cfg.extra.get("continue_on_failure", True):
             return job.failed_value  # the sweep goes on; metrics.json says what failed
         raise
@@ -177,4 +243,4 @@ def run_task(cfg: DictConfig) -> float | None:
             OmegaConf.save(cfg, job.run_dir / "resolved_config.yaml", resolve=True)
 
 
-__all__ = ["RunContext", "run_task", "seed_everything"]
+__all__ = ["Interrupted", "RunContext", "run_task", "seed_everything"]

@@ -33,6 +33,33 @@ def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="config", overrides=overrides, return_hydra_config=False)
 
 
+def tiny_reward_folder() -> Path:
+    """The tiny random Llama as a 1-label reward model folder, score head saved (built once, cached
+    beside the tiny model). A causal-LM folder is refused as a reward model: it has no score head."""
+    import torch
+    from filelock import FileLock
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from stackllama.models.loader import model_folder
+    from stackllama.models.resolve import is_complete, mark_complete
+
+    base = model_folder(compose_cfg(["model=tiny"]).model)
+    target = base.with_name(base.name + "-reward")
+    with FileLock(str(target) + ".lock"):
+        if not is_complete(target):
+            tok = AutoTokenizer.from_pretrained(str(base))
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+            model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            model.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
+            mark_complete(tmp)
+            os.replace(tmp, target)
+    return target
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

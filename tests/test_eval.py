@@ -20,7 +20,7 @@ from stackllama.models.loader import model_folder
 from stackllama.stages import eval as ev
 from stackllama.task import RunContext
 from stackllama.tracking import Tracker
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import REPO, compose_cfg, tiny_reward_folder
 
 EVAL_KEYS = ("eval/win_rate_vs_sft", "eval/reward_mean_ppo", "eval/reward_mean_sft", "eval/kl_mean",
              "eval/response_len_ppo", "eval/response_len_sft")
@@ -103,7 +103,8 @@ def test_identical_models_tie_with_zero_kl(tmp_path):
     cfg = compose_cfg(TINY + [f"artifacts_dir={tmp_path}", "eval.num_questions=4", "eval.batch_size=3"])
     base = model_folder(cfg.model)
     questions = list(build_dataset(cfg.data).evaluation["question"])
-    metrics, records = ev.compare(cfg, _ctx(tmp_path / "run"), base, base, base, questions, gold_scorer(cfg.data))
+    metrics, records = ev.compare(cfg, _ctx(tmp_path / "run"), base, base, tiny_reward_folder(), questions,
+                                  gold_scorer(cfg.data))
     for key in EVAL_KEYS + GOLD_KEYS:
         assert key in metrics and math.isfinite(metrics[key]), key
     n = metrics["eval/num_questions"]
@@ -151,7 +152,7 @@ def test_kl_is_positive_for_a_sharper_policy(tmp_path):
     from stackllama.data import build_dataset
 
     questions = list(build_dataset(cfg.data).evaluation["question"])
-    metrics, _ = ev.compare(cfg, _ctx(tmp_path / "run"), sharp, base, base, questions, None)
+    metrics, _ = ev.compare(cfg, _ctx(tmp_path / "run"), sharp, base, tiny_reward_folder(), questions, None)
     assert metrics["eval/frac_identical_responses"] < 1.0
     assert metrics["eval/kl_mean"] > 3.0  # clearly above zero (about 15 nats here), not sampling noise
 
@@ -228,7 +229,7 @@ def test_stage_eval_with_given_models(tmp_path):
     """stage=eval builds the PPO artifact it needs (from explicit SFT/RM models), then evaluates."""
     base = model_folder(compose_cfg(["model=tiny"]).model)
     cfg = compose_cfg(TINY + [f"artifacts_dir={tmp_path / 'art'}", f"ppo.policy_path={base}",
-                              f"ppo.reward_model_path={base}"])
+                              f"ppo.reward_model_path={tiny_reward_folder()}"])
     tracker = RecordingTracker()
     ctx = _ctx(tmp_path / "run", tracker)
     objective = ev.run(cfg, ctx)

@@ -20,7 +20,7 @@ from stackllama.ppo import core
 from stackllama.ppo.rollout import PromptSource, generate_rollout, response_mask_from
 from stackllama.ppo.trainer import PPOTrainer, summarize
 from stackllama.stages.ppo import load_policy
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import REPO, compose_cfg, tiny_reward_folder
 
 CPU = torch.device("cpu")
 QUESTIONS = [f"How do I keep batch {i} of my stout from tasting sour?" for i in range(24)]
@@ -183,7 +183,8 @@ def test_cli_resume_after_kill(tmp_path):
     folder = model_folder(compose_cfg(["model=tiny"]).model)
     cmd = [
         sys.executable, "-m", "stackllama", "stage=ppo", "model=tiny", "logger=none",
-        f"artifacts_dir={tmp_path / 'art'}", f"ppo.policy_path={folder}", f"ppo.reward_model_path={folder}",
+        f"artifacts_dir={tmp_path / 'art'}", f"ppo.policy_path={folder}",
+        f"ppo.reward_model_path={tiny_reward_folder()}",
         "ppo.steps=8", "ppo.save_every=2", "ppo.batch_size=4", "ppo.mini_batch_size=2",
         "ppo.min_new_tokens=4", "ppo.max_new_tokens=8", "data.synthetic.num_questions=60",
     ]

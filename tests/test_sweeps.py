@@ -25,7 +25,7 @@ import yaml
 
 from stackllama import report
 from stackllama.models.loader import model_folder
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import REPO, compose_cfg, tiny_reward_folder
 
 TINY_EXPERIMENT = """\
 # @package _global_
@@ -50,14 +50,14 @@ def _tiny_folder() -> Path:
 
 def make_workdir(root: Path) -> Path:
     """A working directory with ``experiment=tiny`` (builds SFT/RM) and ``experiment=tiny_fixed``
-    (PPO on the tiny base as both policy and reward model: no SFT/RM to build)."""
+    (PPO on the tiny base as the policy and, with a score head, as the reward model: no SFT/RM to build)."""
     conf = root / "conf" / "experiment"
     conf.mkdir(parents=True)
     (conf / "tiny.yaml").write_text(TINY_EXPERIMENT)
     tiny = _tiny_folder()
     (conf / "tiny_fixed.yaml").write_text(
         "# @package _global_\ndefaults:\n  - tiny\n"
-        f"ppo:\n  policy_path: {tiny}\n  reward_model_path: {tiny}\n"
+        f"ppo:\n  policy_path: {tiny}\n  reward_model_path: {tiny_reward_folder()}\n"
     )
     return root
 
@@ -165,8 +165,8 @@ def wandb_run(job_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def failing_sweep(tmp_path_factory) -> Path:
-    """Basic launcher, W&B offline: three PPO jobs, the last with a learning rate torch refuses
-    when the run builds its optimizer (inside the run, after the tracker opened)."""
+    """Basic launcher, W&B offline: three PPO jobs, the last with a learning rate the config check
+    refuses (inside the run, after the tracker opened)."""
     workdir = make_workdir(tmp_path_factory.mktemp("failing"))
     run_cli(workdir, "experiment=tiny_fixed", "stage=ppo", "logger.backend=wandb", "logger.tags=[test]",
             "ppo.learning_rate=5e-5,1e-4,-1.0")
@@ -181,7 +181,7 @@ def test_failing_job_does_not_stop_the_grid(failing_sweep):
     status = {name.split("_", 1)[0]: m["run/status"] for name, m in metrics.items()}
     assert status == {"0": "completed", "1": "completed", "2": "failed"}
     failed = metrics[jobs[2].name]
-    assert "Invalid learning rate" in failed["run/error"]
+    assert "ppo.learning_rate=-1.0 is out of range: must be > 0" in failed["run/error"]
     for job in jobs[:2]:  # the others ran to the end and returned their objective
         m = metrics[job.name]
         assert m["ppo/steps"] == 2 and math.isfinite(objective(m)) and m["run/objective"] == m["ppo/objective"]
@@ -192,7 +192,7 @@ def test_failing_job_does_not_stop_the_grid(failing_sweep):
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3  # header + one row per job
     assert "| 2 | -1.0 | failed |" in text
-    assert "Failed jobs:" in text and "Invalid learning rate: -1.0" in text
+    assert "Failed jobs:" in text and "ppo.learning_rate=-1.0 is out of range" in text
     rows = list(csv.DictReader(outputs["csv"].open()))
     assert [r["run/status"] for r in rows] == ["completed", "completed", "failed"]
     assert [float(r["override:ppo.learning_rate"]) for r in rows] == [5e-5, 1e-4, -1.0]
@@ -233,7 +233,7 @@ def test_wandb_offline_runs_of_a_sweep(failing_sweep):
     failed = runs[2]
     assert failed["exit_code"] == 1  # marked failed, and closed: the exit record is written at finish
     assert failed["summary"]["run/status"] == "failed"
-    assert "Invalid learning rate" in failed["summary"]["run/error"]
+    assert "ppo.learning_rate=-1.0 is out of range" in failed["summary"]["run/error"]
     assert not [h for h in failed["history"] if "ppo/step" in h]
 
 

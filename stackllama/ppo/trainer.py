@@ -167,6 +167,8 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.step_idx = 0
         self.skipped_batches = 0
+        self.skipped_nonfinite = 0  # micro-batches and updates dropped for a NaN/inf loss, ratio or gradient norm
+        self.nonfinite_streak = 0  # mini-batches in a row with no update because of one (ppo.max_nonfinite_skips)
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ one PPO step
@@ -235,6 +237,7 @@ class PPOTrainer:
             "ppo/val/mean": float(core.masked_mean(old_values, mask)),
             "ppo/val/var_explained": float(core.explained_variance(old_values, returns, mask)),
             "ppo/skipped_batches": float(self.skipped_batches),
+            "ppo/skipped_nonfinite": float(self.skipped_nonfinite),
             "tokens/response_len_mean": float(mask.sum(1).mean()),
             "tokens/query_len_mean": float(np.mean([len(self.prompts.query_ids[i]) for i in idx])),
             "time/ppo/rollout": t_rollout - t_start,
@@ -354,14 +357,19 @@ class PPOTrainer:
             epoch_kl = []
             for start in range(0, B, mb):
                 self.optimizer.zero_grad(set_to_none=True)
-                stepped = False
+                stepped, nonfinite = False, 0  # nonfinite: micro-batches / updates dropped for NaN or inf
                 for m_start in range(start, start + mb, micro):
                     i = perm[m_start : m_start + micro].to(ro.input_ids.device)
                     loss, stats = self._micro_batch_loss(ro, i, old_logprobs, old_values, advantages, returns, mask,
                                                          critic_only)
-                    if not critic_only and float(stats["ppo/policy/ratio_mean"]) > float(cfg.ratio_threshold):
+                    ratio = float(stats["ppo/policy/ratio_mean"]) if not critic_only else 1.0
+                    if not ratio <= float(cfg.ratio_threshold):  # written so that a NaN ratio is skipped too
                         # The probability ratio exploded: this micro-batch would wreck the policy.
                         self.skipped_batches += 1
+                        nonfinite += not math.isfinite(ratio)
+                        continue
+                    if not torch.isfinite(loss):
+                        nonfinite += 1  # a NaN/inf loss would put NaN into every trained weight
                         continue
                     (loss / gas).backward()
                     stepped = True
@@ -372,12 +380,19 @@ class PPOTrainer:
                         epoch_kl.append(float(stats["ppo/policy/approxkl"]))
                 if self.dist.is_distributed:  # every rank steps, with the mean gradient, if any rank has one
                     stepped = distributed.all_reduce_sum(int(stepped)) > 0
+                    nonfinite = int(distributed.all_reduce_sum(nonfinite))  # the same count (and decision) everywhere
                     if stepped:
                         distributed.average_gradients(params)
                 if stepped:
-                    torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
-                    self.optimizer.step()
-                    self.scheduler.step()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
+                    if torch.isfinite(grad_norm):  # ranks hold the same mean gradient: the same decision
+                        self.optimizer.step()
+                        self.scheduler.step()
+                    else:  # clipping by an infinite norm turns every gradient into NaN: skip the update
+                        self.optimizer.zero_grad(set_to_none=True)
+                        nonfinite += 1
+                        stepped = False
+                self._count_update(stepped, nonfinite)
             epoch_approxkl = float(np.mean(epoch_kl)) if epoch_kl else 0.0
             if self.dist.is_distributed:  # all ranks stop together
                 epoch_approxkl = distributed.all_reduce_mean(epoch_approxkl)
@@ -385,11 +400,30 @@ class PPOTrainer:
             if cfg.target_kl is not None and epoch_approxkl > 1.5 * float(cfg.target_kl):
                 early_stop = 1.0  # policy moved too far from the rollout policy: stop this step's epochs
                 break
-        self.policy.eval()
         stats = {k: v / max(count, 1) for k, v in sums.items()}
         stats["ppo/early_stop"] = early_stop
         stats["ppo/critic_warmup"] = float(critic_only)
         return stats
+
+    def _count_update(self, stepped: bool, nonfinite: int) -> None:
+        """Count the micro-batches and updates dropped for a NaN/inf loss, ratio or gradient norm; end
+        the run after ``ppo.max_nonfinite_skips`` mini-batches in a row updated nothing because of one
+        (an update that lands resets the count)."""
+        self.skipped_nonfinite += int(nonfinite)
+        if stepped:
+            self.nonfinite_streak = 0
+            return
+        if not nonfinite:
+            return  # no update for a finite reason (every ratio above the threshold)
+        self.nonfinite_streak += 1
+        log.warning("PPO step %d: skipped an update with a non-finite loss or gradient (%d in a row, %d in all)",
+                    self.step_idx + 1, self.nonfinite_streak, self.skipped_nonfinite)
+        limit = int(self.cfg.max_nonfinite_skips)
+        if self.nonfinite_streak >= limit:
+            raise FloatingPointError(
+                f"PPO diverged at step {self.step_idx + 1}: {self.nonfinite_streak} updates in a row had a NaN/inf "
+                f"loss or gradient norm (ppo.max_nonfinite_skips={limit}); nothing is published. Lower "
+                f"ppo.learning_rate (now {self.cfg.learning_rate})")
 
     def _maybe_log_samples(self, ro: Rollout, scores: torch.Tensor, seq_kl: torch.Tensor, gold: torch.Tensor | None) -> None:
         every = int(self.cfg.sample_every)
@@ -415,6 +449,8 @@ class PPOTrainer:
         return {
             "step": self.step_idx,
             "skipped_batches": self.skipped_batches,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "nonfinite_streak": self.nonfinite_streak,
             "kl_ctl": self.kl_ctl.state_dict(),
             "length_sampler": self.length_sampler.state_dict(),
             "prompts": self.prompts.state_dict(),
@@ -426,6 +462,8 @@ class PPOTrainer:
     def load_state(self, state: dict[str, Any]) -> None:
         self.step_idx = int(state["step"])
         self.skipped_batches = int(state["skipped_batches"])
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))  # absent in older checkpoints
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.length_sampler.load_state_dict(state["length_sampler"])
         self.prompts.load_state_dict(state["prompts"])
@@ -506,6 +544,7 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
         "objective/kl_end": mean(last, "objective/kl"),
         "objective/kl_coef_end": history[-1]["objective/kl_coef"],
         "ppo/skipped_batches": history[-1]["ppo/skipped_batches"],
+        "ppo/skipped_nonfinite": history[-1].get("ppo/skipped_nonfinite", 0.0),
         "hack/frac_hacking_end": mean(last, "hack/frac_hacking"),
         "time/ppo/step_mean": mean(history, "time/ppo/step"),
         "time/ppo/episodes_per_second": mean(history, "time/ppo/episodes_per_second"),

@@ -65,6 +65,11 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     sft_path = artifacts.require("sft", cfg, ctx, explicit=cfg.ppo.policy_path)
     rm_path = artifacts.require("rm", cfg, ctx, explicit=cfg.ppo.reward_model_path)
     splits = build_dataset(cfg.data)
+    if len(splits.rl) == 0:
+        from stackllama.data import NoUsableRecords, data_location
+
+        raise NoUsableRecords(f"No usable records for PPO in {data_location(cfg.data)}: the rl split holds no "
+                              "question; raise data.splits.rl or use more data")
     gold = gold_scorer(cfg.data)
 
     policy, tok = load_policy(cfg, sft_path, ctx.device)

@@ -216,6 +216,13 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
 
     splits = build_dataset(cfg.data)
     metrics.update(splits.stats)
+    if len(splits.reward) == 0:
+        from stackllama.data import NoUsableRecords, data_location
+
+        raise NoUsableRecords(
+            f"No usable records for the reward model in {data_location(cfg.data)}: the reward split's "
+            f"{splits.stats.get('data/reward_questions', 0)} questions give no pair of answers with different "
+            "votes (pm_score); raise data.splits.reward or use more data")
     tokenizer = load_tokenizer(base_path, padding_side="right")
 
     grouped = bool(rm.group_by_question)

@@ -48,7 +48,8 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_path)
     model = load_policy(cfg, ctx, base_path, tokenizer)
     metrics: dict[str, Any] = {**splits.stats, **sft_utils.count_parameters(model)}
-    metrics.update({"data/sft_train_texts": len(train_ds), "data/sft_eval_texts": len(held_ds)})
+    metrics.update({"data/sft_train_texts": len(train_ds), "data/sft_eval_texts": len(held_ds),
+                    "data/sft_eval_questions": len(set(held_ds["question"]))})
 
     held_texts = list(held_ds["text"])
     if main:
@@ -85,8 +86,24 @@ def load_texts(cfg: Any):
     """The finetune split as (splits, training texts, held-out texts)."""
     from stackllama.data import build_dataset
 
+    from stackllama.data import NoUsableRecords, data_location
+
     splits = build_dataset(cfg.data)
-    train_ds, held_ds = sft_utils.hold_out_questions(splits.finetune, int(cfg.sft.eval_size), int(cfg.seed))
+    finetune = splits.finetune
+    if len(finetune) == 0:
+        raise NoUsableRecords(
+            f"No usable records for SFT in {data_location(cfg.data)}: the finetune split's "
+            f"{splits.stats.get('data/finetune_questions', 0)} questions have no answer voted above another "
+            "(an SFT text is an answer that wins a pair); raise data.splits.finetune or use more data")
+    questions = len(set(finetune["question"]))
+    fraction, cap = float(cfg.sft.eval_fraction), int(cfg.sft.eval_size)
+    train_ds, held_ds = sft_utils.hold_out_questions(finetune, cap, int(cfg.seed), fraction)
+    held_questions = len(set(held_ds["question"]))
+    log.info("SFT held out %d of %d finetune questions (%d texts) for perplexity: sft.eval_fraction=%g of the "
+             "questions, at most sft.eval_size=%d texts, at least one question left to train on",
+             held_questions, questions, len(held_ds), fraction, cap)
+    if len(held_ds) == 0:
+        log.warning("SFT holds out nothing (%d finetune question(s)): eval/perplexity will be NaN", questions)
     train_ds = sft_utils.cap_texts(train_ds, cfg.sft.max_train_texts, int(cfg.seed))
     log.info("SFT texts: %d to train on, %d held out for perplexity", len(train_ds), len(held_ds))
     return splits, train_ds, held_ds
@@ -206,6 +223,24 @@ def resume_checkpoint(cfg: Any, work_dir: Path) -> tuple[str | None, int]:
     return None, 0
 
 
+class _TrainingComplete(Exception):
+    """Raised by the ``_stop_before_training`` callback once the Trainer restored a finished checkpoint."""
+
+
+def _stop_before_training():
+    """A TrainerCallback ending ``Trainer.train`` at ``on_train_begin`` (the checkpoint restored by
+    then) when no step is left: ``control.should_training_stop`` is only read after a step, so
+    raising is the way out."""
+    from transformers import TrainerCallback
+
+    class StopBeforeTraining(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise _TrainingComplete()
+
+    return StopBeforeTraining()
+
+
 def train(cfg: Any, trainer: Any, work_dir: Path) -> dict[str, Any]:
     """Run (or resume) training; return loss, throughput and padding figures."""
     # rank 0 decides (it may delete a half-written checkpoint); the other ranks follow
@@ -214,7 +249,21 @@ def train(cfg: Any, trainer: Any, work_dir: Path) -> dict[str, Any]:
         log.info("Resuming SFT from %s (step %d)", checkpoint, step)
     fingerprint = sft_utils.trainable_fingerprint(trainer.model)
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    output = None
+    if checkpoint and step >= int(cfg.sft.max_steps):
+        # A checkpoint at (or past) max_steps is the finished model. The Trainer checks for the end
+        # only after a step, so resuming from it would train one step more (train/steps=3 for
+        # max_steps=2) and one artifact key would hold two different models. Let the Trainer restore
+        # the checkpoint (weights, state; under DeepSpeed/FSDP too) and stop it before that step.
+        log.info("SFT checkpoint %s is at step %d of sft.max_steps=%d: restoring it, nothing left to train",
+                 checkpoint, step, int(cfg.sft.max_steps))
+        trainer.add_callback(_stop_before_training())
+        try:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        except _TrainingComplete:
+            pass
+    else:
+        output = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     if trainer.state.global_step > step and sft_utils.trainable_fingerprint(trainer.model) == fingerprint:
         log.warning("SFT ran %d steps but no trainable parameter changed", trainer.state.global_step - step)
@@ -224,8 +273,8 @@ def train(cfg: Any, trainer: Any, work_dir: Path) -> dict[str, Any]:
     logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         # the Trainer's average over the steps this call ran; the logged mean if it ran none
-        "train/loss": float(output.training_loss) if steps_now > 0 else _mean(logged),
-        "train/loss_final": logged[-1] if logged else float(output.training_loss),
+        "train/loss": float(output.training_loss) if output is not None and steps_now > 0 else _mean(logged),
+        "train/loss_final": logged[-1] if logged else (float(output.training_loss) if output else float("nan")),
         "train/steps": int(trainer.state.global_step),
         "train/seconds": round(seconds, 3),
         "train/tokens": real,  # every rank's batches
