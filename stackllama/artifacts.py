@@ -43,7 +43,7 @@ _NOT_IN_KEY = {
     "sft": {"logging_steps", "save_steps", "save_total_limit", "resume", "num_sample_generations",
             "sample_max_new_tokens", "eval_size", "eval_fraction", "eval_batch_size"},
     "rm": {"logging_steps", "eval_batch_size", "max_eval_pairs", "model_path", "eval_before"},
-    "ppo": {"log_every", "sample_every", "num_samples", "save_every", "resume", "policy_path",
+    "ppo": {"log_every", "sample_every", "num_samples", "save_every", "resume", "policy_path", "cache_frozen_prefix",
             "reward_model_path", "max_nonfinite_skips"},
     "eval": {"num_samples_in_report"},
 }

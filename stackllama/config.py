@@ -233,6 +233,11 @@ class RMConfig:
     lora: LoraConfig = field(
         default_factory=lambda: LoraConfig(enabled=True, r=8, alpha=32, dropout=0.1, task_type="SEQ_CLS")
     )  # filled from the lora group too: `lora@rm.lora=none` trains the full model
+    # Keep only the first N decoder layers of the base (None: all). Scoring is most of the reward
+    # model's cost in every stage (training, PPO, eval), and a ranking of answers by their
+    # facts, topic and length needs less depth than writing them: SmolLM2's first 16 of 30
+    # layers halve that cost (measured in conf/experiment/embedded.yaml).
+    num_layers: Optional[int] = field(default=None, metadata=at_least(1))
     learning_rate: float = field(default=2e-5, metadata=positive())
     batch_size: int = field(default=4, metadata=at_least(1))
     eval_batch_size: int = field(default=8, metadata=at_least(1))
@@ -329,6 +334,14 @@ class PPOConfig:
     max_nonfinite_skips: int = field(default=3, metadata=at_least(1))
     # early-stop PPO epochs when approx KL exceeds it
     target_kl: Optional[float] = field(default=None, metadata=positive())
+    # PPO's adapters on the last N decoder layers only, overriding lora.top_layers (which SFT uses
+    # too): SFT adapts the whole model to the domain, PPO's small correction needs less depth and
+    # then runs the layers below once per rollout (cache_frozen_prefix). None: as lora.top_layers.
+    lora_top_layers: Optional[int] = field(default=None, metadata=at_least(1))
+    # With adapters on the top layers only (lora.top_layers) the layers below them are the same for
+    # the policy, the reference and every PPO epoch: run them once per rollout and keep their
+    # output (B x tokens x hidden floats). Checked against a full forward at start; off: recompute.
+    cache_frozen_prefix: bool = True
     # Memory: for small models the (episodes x tokens x vocabulary) logits, not the weights, set
     # the peak. The LM head runs on this many episodes at a time (checkpointed in training).
     head_chunk_size: int = field(default=1, metadata=at_least(1))

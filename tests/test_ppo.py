@@ -29,7 +29,9 @@ QUESTIONS = [f"How do I keep batch {i} of my stout from tasting sour?" for i in 
 def _cfg(*overrides: str):
     return compose_cfg([
         "model=tiny", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.min_new_tokens=6",
-        "ppo.max_new_tokens=10", "ppo.sample_every=0", "ppo.save_every=0", *overrides,
+        "ppo.max_new_tokens=10", "ppo.sample_every=0", "ppo.save_every=0",
+        # the loop's own behaviour, independent of the embedded default's tuning
+        "ppo.temperature=1.0", "ppo.lam=0.95", "ppo.stop_at_eos=false", "ppo.score_normalize=none", *overrides,
     ])
 
 
@@ -115,11 +117,13 @@ def exact_kl_to_reference(trainer: PPOTrainer) -> float:
 def test_large_kl_coef_keeps_policy_at_reference(tmp_path):
     """beta = 1e3: every token's KL costs far more than any score, so the policy stays near
     the reference, while the same run with beta = 0 drifts away. Measured with the exact KL
-    on fixed text, since 8 sampled episodes give a noisy estimate."""
-    common = ["lora=default", "ppo.steps=10", "ppo.learning_rate=1e-3"]
+    on fixed text, since 8 sampled episodes give a noisy estimate. The tied run has no value
+    loss: its returns are ~-1000 x KL, and fitting them through the shared backbone moves the
+    policy by itself (the embedded default's normalized scores and beta 0.1 keep returns ~1)."""
+    common = ["lora=default", "ppo.steps=10", "ppo.learning_rate=2e-3"]
     free = _trainer(_cfg(*common, "ppo.kl_coef=0.0"), tmp_path / "free")
     free.train()
-    tied = _trainer(_cfg(*common, "ppo.kl_coef=1000.0"), tmp_path / "tied")
+    tied = _trainer(_cfg(*common, "ppo.kl_coef=1000.0", "ppo.vf_coef=0.0"), tmp_path / "tied")
     hist = tied.train()
     kl_free, kl_tied = exact_kl_to_reference(free), exact_kl_to_reference(tied)
     assert kl_free > 0.01, kl_free
@@ -150,6 +154,9 @@ def test_bf16_autocast_rounds_the_backbone_but_not_the_log_probs(tmp_path):
     with precision.autocast("bf16", CPU):
         ro = generate_rollout(bf16.policy.generation_model(), bf16.tokenizer, [QUESTIONS[i] for i in idx],
                               [bf16.prompts.query_ids[i] for i in idx], [8] * 8, cfg.ppo, CPU)
+    for trainer in (fp32, bf16):  # the value head starts at zero: give it weights, so values differ too
+        torch.manual_seed(1)
+        torch.nn.init.normal_(trainer.policy.v_head.weight, std=0.05)
     exact, rounded = fp32._forward_no_grad(ro), bf16._forward_no_grad(ro)
     for a, b in zip(exact, rounded):  # log-probs, values, reference log-probs, entropy
         assert b.dtype == torch.float32

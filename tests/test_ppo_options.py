@@ -31,7 +31,7 @@ def _cfg(*overrides: str):
     return compose_cfg([
         "model=tiny", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.min_new_tokens=6",
         "ppo.max_new_tokens=10", "ppo.sample_every=0", "ppo.save_every=0", "ppo.stop_at_eos=false",
-        "ppo.temperature=1.0", "ppo.kl_coef=0.0", *overrides,
+        "ppo.temperature=1.0", "ppo.kl_coef=0.0", "ppo.lora_top_layers=null", *overrides,
     ])
 
 
@@ -234,6 +234,10 @@ def test_lora_top_layers_adapts_only_the_last_layers():
     policy, _ = _policy(cfg)
     adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in policy.named_parameters() if "lora_A" in n}
     assert adapted == {"0", "1"}
+    cfg = _cfg("lora=default", "ppo.lora_top_layers=1")  # PPO's own override of the SFT adapters' layers
+    policy, _ = _policy(cfg)
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in policy.named_parameters() if "lora_A" in n}
+    assert adapted == {"1"} and policy.prefix_layers == 1
 
 
 # --------------------------------------------------------------------------- precision
@@ -276,3 +280,22 @@ def test_window_stats_pool_every_episode():
     out = summarize(history)
     assert out["ppo/reward_mean_start"] == pytest.approx(0.5) and out["ppo/reward_mean_end"] == pytest.approx(18.5)
     assert 0 < out["ppo/reward_mean_start_stderr"] < 1
+
+
+def test_frozen_prefix_cache_changes_nothing_but_the_work(tmp_path):
+    """Adapters on the top layer only: the bottom layer's output is computed once per rollout and
+    reused by the reference pass and the PPO epochs; the figures equal a run that recomputes it."""
+    runs = {}
+    for cache in (True, False):
+        cfg = _cfg("lora=default", "lora.top_layers=1", "ppo.steps=2", "ppo.learning_rate=1e-3",
+                   f"ppo.cache_frozen_prefix={str(cache).lower()}")
+        torch.manual_seed(0)
+        policy, tok = load_policy(cfg, model_folder(cfg.model), CPU)
+        assert policy.prefix_layers == (1 if cache else 0)
+
+        def reward(questions, answers):
+            return torch.tensor([float(len(a)) / 10 for a in answers])
+
+        runs[cache] = _trainer(cfg, policy, tok, reward, tmp_path / str(cache)).train()
+    for key in ("env/reward_mean", "objective/kl", "ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl"):
+        assert runs[True][-1][key] == pytest.approx(runs[False][-1][key], rel=1e-4, abs=1e-6), key

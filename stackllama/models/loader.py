@@ -159,6 +159,20 @@ def peft_config(lora_cfg: Any, kind: str, num_layers: int | None = None):
     )
 
 
+def truncation_kwargs(path: str | Path, num_layers: int | None) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that keep the first ``num_layers`` decoder layers of ``path``;
+    none when that is every layer (one setting fits SmolLM2's 30 and the tiny model's 2)."""
+    if num_layers is None:
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    total = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "num_hidden_layers", None)
+    if total is not None and int(num_layers) >= int(total):
+        return {}
+    return {"num_hidden_layers": int(num_layers)}
+
+
 def load_model(
     path: str | Path,
     kind: str,
@@ -169,6 +183,7 @@ def load_model(
     tokenizer: Any = None,
     trainable: bool = True,
     gradient_checkpointing: bool = False,
+    num_layers: int | None = None,
 ):
     """Load ``path`` as a causal LM or a 1-label classifier, quantized and/or with LoRA.
 
@@ -187,6 +202,7 @@ def load_model(
             "(set lora=default, or quantization=none to train all weights)"
         )
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    kwargs.update(truncation_kwargs(path, num_layers))
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index else device.type}

@@ -92,6 +92,7 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) 1 on response tokens that count
     responses: list[str]  # decoded responses (masked tokens dropped)
     ended: torch.Tensor  # (B,) bool: the counted tokens end with EOS (stop_at_eos only; else all False)
+    prefix: torch.Tensor | None = None  # (B, Q+R, H) output of the frozen bottom layers, set by the no-grad pass
 
     @property
     def query_len(self) -> int:

@@ -302,17 +302,22 @@ class PPOTrainer:
             ids, att = ro.input_ids[s : s + n], ro.attention_mask[s : s + n]
             resp = ro.response_ids[s : s + n]  # (b, R)
             with self._autocast():
-                hidden, head, _ = self.policy(ids, att, Q, with_values=False)  # (b, R, H), LM head
+                prefix = self.policy.prefix(ids, att)  # (b, Q+R, H) after the frozen layers, or None
+                hidden, head, _ = self.policy(ids, att, Q, with_values=False, prefix=prefix)  # (b, R, H), LM head
             values = self.policy.values(hidden)  # (b, R), outside autocast as in training
             logprobs, entropy = core.logprobs_from_hidden(hidden, head, resp, chunk, with_entropy=True, temperature=T)
             del hidden
             with self._autocast():
-                ref_hidden, ref_head = self.policy.reference_hidden(ids, att, Q)  # (b, R, H)
+                ref_hidden, ref_head = self.policy.reference_hidden(ids, att, Q, prefix=prefix)  # (b, R, H)
             ref_logprobs, _ = core.logprobs_from_hidden(ref_hidden, ref_head, resp, chunk, temperature=T)
             for key, value in (("logprobs", logprobs), ("values", values), ("ref", ref_logprobs), ("entropy", entropy)):
                 out[key].append(value)
+            if prefix is not None:
+                out["prefix"].append(prefix)
             del ref_hidden
             self._between_phases()
+        # kept for the PPO epochs: the frozen layers' output does not change while the adapters train
+        ro.prefix = torch.cat(out["prefix"]) if out["prefix"] else None
         return tuple(torch.cat(out[k]).float() for k in ("logprobs", "values", "ref", "entropy"))
 
     def _micro_batch_loss(self, ro: Rollout, i: torch.Tensor, old_logprobs, old_values, advantages, returns, mask,
@@ -321,8 +326,10 @@ class PPOTrainer:
         critic warm-up (then the backbone runs without grad: only the value head learns)."""
         cfg = self.cfg
         grad = contextlib.nullcontext() if not critic_only else torch.no_grad()
+        prefix = ro.prefix[i] if ro.prefix is not None else None  # (m, Q+R, H) from the no-grad pass
         with grad, self._autocast():
-            hidden, head, _ = self.policy(ro.input_ids[i], ro.attention_mask[i], ro.query_len, with_values=False)  # (m, R, H)
+            hidden, head, _ = self.policy(ro.input_ids[i], ro.attention_mask[i], ro.query_len, with_values=False,
+                                          prefix=prefix)  # (m, R, H)
         values = self.policy.values(hidden).float()  # (m, R)
         vf_loss, vf_stats = core.value_loss(values, old_values[i], returns[i], mask[i], float(cfg.cliprange_value))
         stats = {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/val/error": vf_stats["error"]}

@@ -28,14 +28,23 @@ from stackllama.reward import RewardScorer
 log = logging.getLogger(__name__)
 
 
+def ppo_lora(cfg: Any) -> Any:
+    """The policy's adapters for PPO: the ``lora`` group, on ``ppo.lora_top_layers`` layers when set."""
+    if cfg.ppo.lora_top_layers is None:
+        return cfg.lora
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(cfg.lora, {"top_layers": int(cfg.ppo.lora_top_layers)})
+
+
 def load_policy(cfg: Any, sft_path: Path, device: torch.device) -> tuple[PolicyWithValueHead, Any]:
     """Policy + value head on one backbone; a frozen reference copy only without LoRA."""
     tok = load_tokenizer(sft_path, padding_side="left")
-    lm = load_model(sft_path, "causal_lm", cfg.quantization, cfg.lora, cfg.model.dtype, device, tok)
+    lm = load_model(sft_path, "causal_lm", cfg.quantization, ppo_lora(cfg), cfg.model.dtype, device, tok)
     reference = None
     if not cfg.lora.enabled:
         reference = load_model(sft_path, "causal_lm", cfg.quantization, None, cfg.model.dtype, device, tok, trainable=False)
-    policy = PolicyWithValueHead(lm, reference).to(device)
+    policy = PolicyWithValueHead(lm, reference, cache_frozen_prefix=bool(cfg.ppo.cache_frozen_prefix)).to(device)
     policy.eval()  # no dropout in rollouts, old log-probs or updates: ratios start at exactly 1
     return policy, tok
 

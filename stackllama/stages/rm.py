@@ -189,7 +189,8 @@ def save_merged(cfg: Any, model: Any, tokenizer: Any, base_path: Path, work_dir:
 
             adapter = work_dir / "adapter"
             model.save_pretrained(str(adapter))  # LoRA weights + the score head (modules_to_save)
-            merge_adapter_into_base(base_path, adapter, out_dir, "seq_cls", cfg.quantization.compute_dtype, tokenizer)
+            merge_adapter_into_base(base_path, adapter, out_dir, "seq_cls", cfg.quantization.compute_dtype, tokenizer,
+                                    num_layers=cfg.rm.num_layers)
             return "reloaded_unquantized"
         merged = model.merge_and_unload()
     else:
@@ -247,7 +248,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     def load() -> Any:
         return load_model(base_path, "seq_cls", cfg.quantization, rm.lora, dtype=cfg.model.dtype,
                           device=ctx.device, tokenizer=tokenizer,
-                          gradient_checkpointing=bool(rm.gradient_checkpointing))
+                          gradient_checkpointing=bool(rm.gradient_checkpointing), num_layers=rm.num_layers)
 
     model = load()
     metrics.update(count_parameters(model))
