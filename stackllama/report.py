@@ -17,6 +17,13 @@ The plot puts each finished PPO job at (KL to the reference at the end, reward m
 at the end), coloured by the first swept value, with the gold scorer's score (synthetic
 data) as a second panel when present, and draws the frontier: the jobs no other job beats
 on both (higher score at lower KL).
+
+For jobs that ran the whole recipe (``stage=all``) a second table gives, job by job and as the
+mean over jobs, each stage's wall time, the SFT perplexity before/after, the reward model's
+held-out accuracy beside its gold ceiling, the PPO reward and gold score over the first and
+last 10% of steps (± standard errors over their episodes) and the evaluation's win rates
+over SFT (± binomial standard errors); ``ppo_curves.png`` draws every job's reward and gold
+score per PPO step.
 """
 
 from __future__ import annotations
@@ -176,6 +183,9 @@ def markdown_report(sweep_dir: Path, rows: list[dict[str, Any]], columns: list[s
     if fixed and len(rows) > 1:
         lines += ["Shared overrides: " + " ".join(f"`{k}={v}`" for k, v in fixed.items()), ""]
     lines.append(to_markdown(rows, columns))
+    recipe = recipe_table(rows)
+    if recipe:
+        lines += [recipe]
     best = best_row(rows, _direction(sweep_dir))
     if best is not None:
         lines += [f"Best objective ({_direction(sweep_dir)}): {_fmt(_number(best['run/objective']))} "
@@ -185,6 +195,106 @@ def markdown_report(sweep_dir: Path, rows: list[dict[str, Any]], columns: list[s
         lines += ["Optuna (optimization_results.yaml):", "", "```yaml",
                   yaml.safe_dump(optuna, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+# The whole recipe per job (stage=all): what each stage took and bought. (label, key, stderr key or None)
+RECIPE = [
+    ("SFT s", "time/stage/sft_s", None), ("RM s", "time/stage/rm_s", None), ("PPO s", "time/stage/ppo_s", None),
+    ("eval s", "time/stage/eval_s", None), ("total s", "time/total_s", None),
+    ("ppl before", "sft/eval/perplexity_before", None), ("ppl after", "sft/eval/perplexity", None),
+    ("RM acc", "rm/eval/accuracy", None), ("gold ceiling", "rm/eval/gold_accuracy", None),
+    ("PPO reward start", "ppo/reward_mean_start", "ppo/reward_mean_start_stderr"),
+    ("PPO reward end", "ppo/reward_mean_end", "ppo/reward_mean_end_stderr"),
+    ("gold start", "ppo/gold/score_start", "ppo/gold/score_start_stderr"),
+    ("gold end", "ppo/gold/score_end", "ppo/gold/score_end_stderr"),
+    ("win vs SFT (RM)", "eval/win_rate_vs_sft", "eval/win_rate_stderr"),
+    ("win vs SFT (gold)", "eval/gold_win_rate_vs_sft", "eval/gold_win_rate_stderr"),
+    ("RM-gold corr", "eval/rm_gold_corr", None),
+]
+
+
+def _with_stderr(row: dict[str, Any], key: str, err_key: str | None) -> str:
+    value = _number(row.get(key))
+    if value is None:
+        return ""
+    err = _number(row.get(err_key)) if err_key else None
+    if err_key == "eval/gold_win_rate_stderr" and err is None and _finite(row.get("eval/num_questions")):
+        err = math.sqrt(value * (1 - value) / _number(row["eval/num_questions"]))  # binomial, as the RM's
+    return f"{value:.3g} ± {err:.2g}" if err is not None and math.isfinite(err) else f"{value:.4g}"
+
+
+def recipe_table(rows: list[dict[str, Any]]) -> str:
+    """One row per stage=all job (stage times, what each stage bought, start -> end with their
+    standard errors) and the mean over jobs (± the std over jobs); "" when no job ran the recipe."""
+    jobs = [r for r in rows if r.get("run/status") == "completed" and "time/stage/ppo_s" in r]
+    if not jobs:
+        return ""
+    cols = [c for c in RECIPE if any(c[1] in r for r in jobs)]
+    varying, _ = swept_keys(rows)
+    head = ["job", *(k[len(OVR):] for k in varying), *(c[0] for c in cols)]
+    lines = ["## The recipe, job by job", "",
+             "Start/end: the first and last 10% of PPO steps (± standard error over their episodes); win rates ± "
+             "binomial standard error over the evaluation questions; the last row is the mean over jobs ± their std.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in jobs:
+        cells = [str(r["job"]), *(_fmt(r.get(k)) for k in varying), *(_with_stderr(r, k, e) for _, k, e in cols)]
+        lines.append("| " + " | ".join(cells) + " |")
+    means = []
+    for _, key, _ in cols:
+        vals = [_number(r.get(key)) for r in jobs if _finite(r.get(key))]
+        if not vals:
+            means.append("")
+            continue
+        mu = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        means.append(f"{mu:.3g} ± {sd:.2g}")
+    lines.append("| " + " | ".join([f"mean of {len(jobs)}", *([""] * len(varying)), *means]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ppo_history(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-step PPO history of a job's policy artifact (``history.jsonl``), when it is on disk."""
+    folder = row.get("upstream/ppo/path") or (row.get("artifact/path") if row.get("run/stage") == "ppo" else None)
+    path = Path(str(folder)) / "history.jsonl" if folder else None
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_ppo_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Reward-model score and gold score per PPO step, one line per job, ± the step's standard error."""
+    curves = [(r, ppo_history(r)) for r in rows]
+    curves = [(r, h) for r, h in curves if h]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("env/reward_mean", "env/reward_std", "reward model score")]
+    if all("gold/score_mean" in h[0] for _, h in curves):
+        panels.append(("gold/score_mean", "gold/score_std", "gold score (synthetic data)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), squeeze=False)
+    varying, _ = swept_keys(rows)
+    for ax, (key, std_key, label) in zip(axes[0], panels):
+        for r, hist in curves:
+            xs = [h.get("ppo/step", i + 1) for i, h in enumerate(hist)]
+            ys = [h[key] for h in hist]
+            se = [h.get(std_key, 0.0) / math.sqrt(max(h.get("env/episodes", 1.0), 1.0)) for h in hist]
+            name = ",".join(f"{k[len(OVR):]}={r.get(k)}" for k in varying) or f"job {r['job']}"
+            line, = ax.plot(xs, ys, marker="o", markersize=3, label=name)
+            ax.fill_between(xs, [y - e for y, e in zip(ys, se)], [y + e for y, e in zip(ys, se)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("PPO step")
+        ax.set_ylabel(f"{label}, batch mean ± stderr")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("PPO along training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -283,6 +393,10 @@ def write_summary(sweep_dir: Path) -> dict[str, Path]:
     png = plot_frontier(rows, sweep_dir / "frontier.png")
     if png is not None:
         out["plot"] = png
+    curves = plot_ppo_curves(rows, sweep_dir / "ppo_curves.png")
+    if curves is not None:
+        out["curves"] = curves
+        out["markdown"].write_text(out["markdown"].read_text() + "\n![PPO along training](ppo_curves.png)\n")
     return out
 
 

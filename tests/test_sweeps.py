@@ -431,3 +431,30 @@ def test_local_preset_and_ready_sweeps_compose():
         assert "LocalLauncher" in cfg.hydra.launcher._target_
         cfg = compose(config_name="config", return_hydra_config=True, overrides=["sweep=optuna_ppo"])
         assert "optuna" in cfg.hydra.sweeper._target_.lower() and cfg.hydra.sweeper.direction == "maximize"
+
+
+def test_report_recipe_table_and_curves(tmp_path):
+    """stage=all x seed: each job's stage times, RM accuracy beside its gold ceiling, PPO start ->
+    end with standard errors, win rates ±, the mean over seeds, and the per-step curves."""
+    sweep = tmp_path / "multirun_sweeps" / "2026-01-01" / "00-00-00"
+    for seed in (0, 1, 2):
+        art = tmp_path / f"ppo{seed}"
+        art.mkdir()
+        with open(art / "history.jsonl", "w") as fh:
+            for step in range(1, 5):
+                fh.write(json.dumps({"ppo/step": step, "env/reward_mean": step + seed, "env/reward_std": 1.0,
+                                     "env/episodes": 16.0, "gold/score_mean": 0.1 * step, "gold/score_std": 0.5}) + "\n")
+        m = {"run/status": "completed", "run/stage": "all", "time/stage/sft_s": 60.0 + seed, "time/stage/rm_s": 90.0,
+             "time/stage/ppo_s": 100.0, "time/stage/eval_s": 30.0, "time/total_s": 300.0,
+             "rm/eval/accuracy": 0.86 + 0.01 * seed, "rm/eval/gold_accuracy": 0.965,
+             "ppo/reward_mean_start": 1.0, "ppo/reward_mean_start_stderr": 0.25, "ppo/reward_mean_end": 4.0,
+             "ppo/reward_mean_end_stderr": 0.25, "eval/win_rate_vs_sft": 0.75, "eval/win_rate_stderr": 0.0625,
+             "eval/gold_win_rate_vs_sft": 0.6, "eval/num_questions": 48, "upstream/ppo/path": str(art)}
+        _fake_job(sweep, seed, ["stage=all", f"seed={seed}"], m)
+    outputs = report.write_summary(sweep)
+    text = outputs["markdown"].read_text()
+    assert "## The recipe, job by job" in text
+    assert "| job | seed | SFT s | RM s | PPO s | eval s | total s | RM acc | gold ceiling |" in text
+    assert "| 0 | 0 | 60 | 90 | 100 | 30 | 300 | 0.86 | 0.965 | 1 ± 0.25 | 4 ± 0.25 | 0.75 ± 0.062 | 0.6 ± 0.071 |" in text
+    assert "| mean of 3 |  | 61 ± 1 |" in text and "0.87 ± 0.01" in text
+    assert outputs["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "ppo_curves.png" in text

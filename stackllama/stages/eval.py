@@ -239,6 +239,7 @@ def summarize(
         gwr = win_rate(gold_ppo, gold_sft)
         out.update({
             "eval/gold_win_rate_vs_sft": gwr,
+            "eval/gold_win_rate_stderr": math.sqrt(gwr * (1 - gwr) / n) if n else float("nan"),
             "eval/gold_mean_ppo": _mean(gold_ppo),
             "eval/gold_mean_sft": _mean(gold_sft),
             "eval/gold_margin_mean": _mean([a - b for a, b in zip(gold_ppo, gold_sft)]),
