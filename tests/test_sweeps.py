@@ -32,6 +32,7 @@ TINY_EXPERIMENT = """\
 # The recipe at toy scale (tests): each stage takes seconds on the tiny random Llama.
 defaults:
   - override /model: tiny
+mixed_precision: "no"  # fp32 on every CPU: auto picks bf16 only on CPUs with bf16 instructions, and the figures would differ
 data:
   synthetic:
     num_questions: 60
