@@ -15,7 +15,6 @@ import math
 import re
 
 import pytest
-import torch
 
 from stackllama import task
 from tests.conftest import compose_cfg
@@ -25,12 +24,7 @@ SHORT = ["model=tiny", "logger=none", "sft.max_steps=2", "rm.max_steps=2", "ppo.
          "sft.num_sample_generations=1", "sft.sample_max_new_tokens=8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("site", SITES, ids=["audio", "beer"])
