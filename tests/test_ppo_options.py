@@ -183,7 +183,7 @@ def test_score_normalize_sft_uses_the_first_steps_scores_then_stays_fixed(tmp_pa
 
 def test_score_baseline_and_clip_shape_the_raw_scores(tmp_path):
     """s = clip(r - reward_baseline, -score_clip, score_clip), after any normalization."""
-    cfg = _cfg("ppo.reward_baseline=1.0", "ppo.score_clip=2.0")
+    cfg = _cfg("ppo.score_normalize=none", "ppo.reward_baseline=1.0", "ppo.score_clip=2.0")
     policy, tok = _policy(cfg)
     trainer = _trainer(cfg, policy, tok, None, tmp_path)
     out = trainer._shape_scores(torch.tensor([-5.0, 0.0, 2.5, 9.0]), torch.zeros(4, dtype=torch.bool))

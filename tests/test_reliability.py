@@ -200,8 +200,17 @@ class _ClosingTracker(Tracker):
         self.exit_codes.append(exit_code)
 
 
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own Ctrl-C handler for the test: a shell's background job (``nohup``, ``cmd &``)
+    starts with SIGINT ignored, and then no KeyboardInterrupt would ever come."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
-def test_interrupt_closes_the_tracker_with_the_signal_exit_code(tmp_path, monkeypatch, signum):
+def test_interrupt_closes_the_tracker_with_the_signal_exit_code(tmp_path, monkeypatch, signum, python_sigint_handler):
     """In-process, through run_task: the tracker (the W&B run) is finished with 128 + signum."""
     tracker = _ClosingTracker()
     monkeypatch.setattr(task, "make_tracker", lambda *a, **k: tracker)
