@@ -236,7 +236,7 @@ class RMConfig:
     # Keep only the first N decoder layers of the base (None: all). Scoring is most of the reward
     # model's cost in every stage (training, PPO, eval), and a ranking of answers by their
     # facts, topic and length needs less depth than writing them: SmolLM2's first 16 of 30
-    # layers halve that cost (measured in conf/experiment/embedded.yaml).
+    # layers halve that cost (measured in docs/embedded_tuning.md).
     num_layers: Optional[int] = field(default=None, metadata=at_least(1))
     learning_rate: float = field(default=2e-5, metadata=positive())
     batch_size: int = field(default=4, metadata=at_least(1))

@@ -384,7 +384,12 @@ def write_summary(sweep_dir: Path) -> dict[str, Path]:
     rows = summarize(sweep_dir)
     columns = columns_for(rows)
     out = {"markdown": sweep_dir / "summary.md", "csv": sweep_dir / "summary.csv"}
-    out["markdown"].write_text(markdown_report(sweep_dir, rows, columns))
+    curves = plot_ppo_curves(rows, sweep_dir / "ppo_curves.png")
+    text = markdown_report(sweep_dir, rows, columns)
+    if curves is not None:
+        out["curves"] = curves
+        text += "\n![PPO along training](ppo_curves.png)\n"
+    out["markdown"].write_text(text)
     everything = columns + sorted({k for r in rows for k in r} - set(columns))
     with open(out["csv"], "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=everything, extrasaction="ignore")
@@ -393,10 +398,6 @@ def write_summary(sweep_dir: Path) -> dict[str, Path]:
     png = plot_frontier(rows, sweep_dir / "frontier.png")
     if png is not None:
         out["plot"] = png
-    curves = plot_ppo_curves(rows, sweep_dir / "ppo_curves.png")
-    if curves is not None:
-        out["curves"] = curves
-        out["markdown"].write_text(out["markdown"].read_text() + "\n![PPO along training](ppo_curves.png)\n")
     return out
 
 

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from stackllama import precision
+from stackllama.models.loader import text_config
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,6 @@ def pad_batch(
     return ids, mask, positions
 
 
-def _model_config(model: Any) -> Any:
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _saved_dtype(folder: Path) -> str | None:
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -146,7 +142,7 @@ class RewardScorer:
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.mixed_precision = mixed_precision
 
-        config = _model_config(model)
+        config = text_config(model.config)
         if getattr(config, "num_labels", 1) != 1:
             raise ValueError(f"a reward model has one output; this one has num_labels={config.num_labels}")
         pad_id = getattr(config, "pad_token_id", None)

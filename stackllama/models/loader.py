@@ -166,8 +166,7 @@ def truncation_kwargs(path: str | Path, num_layers: int | None) -> dict[str, Any
         return {}
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path))
-    total = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "num_hidden_layers", None)
+    total = getattr(text_config(AutoConfig.from_pretrained(str(path))), "num_hidden_layers", None)
     if total is not None and int(num_layers) >= int(total):
         return {}
     return {"num_hidden_layers": int(num_layers)}
@@ -229,13 +228,13 @@ def load_model(
     if lora_on:
         from peft import get_peft_model
 
-        num_layers = _model_config(model).num_hidden_layers
+        num_layers = text_config(model.config).num_hidden_layers
         model = get_peft_model(model, peft_config(lora_cfg, kind, num_layers))
     return model
 
 
-def _model_config(model: Any) -> Any:
-    config = model.config
+def text_config(config: Any) -> Any:
+    """The language model's part of a ``transformers`` config (multimodal configs nest it)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
