@@ -497,3 +497,28 @@ def test_gradient_checkpointing_setting_reaches_the_trainers(tmp_path, enabled):
     for args in (reward_config(cfg, ctx, tmp_path, 8), training_args(cfg, ctx, tmp_path)):
         assert args.gradient_checkpointing is enabled, type(args).__name__
         assert getattr(args, "activation_checkpointing", enabled) is enabled
+
+
+def test_min_pm_margin_trains_only_on_clear_pairs_and_counts_the_rest():
+    from stackllama.stages.rm import clear_pairs
+
+    pairs = datasets.Dataset.from_dict({
+        "question": ["q"] * 4, "chosen": ["a", "b", "c", "d"], "rejected": ["w", "x", "y", "z"],
+        "chosen_pm": [3, 2, 5, 1], "rejected_pm": [2, 0, 1, 0],
+    })
+    assert len(clear_pairs(pairs, 1)) == 4  # the default: every pair
+    kept = clear_pairs(pairs, 2)
+    assert kept["chosen"] == ["b", "c"]
+    assert clear_pairs(pairs, 5)["chosen"] == []
+
+
+def test_rm_stage_min_pm_margin_counts_the_pairs_it_leaves_out(tmp_path):
+    from stackllama.stages import rm
+
+    _, folder = _tiny()
+    cfg = _stage_cfg(tmp_path, folder, ["rm.min_pm_margin=3", "rm.max_train_pairs=null", "rm.max_steps=1"])
+    ctx = _ctx(tmp_path)
+    rm.run(cfg, ctx)
+    m = ctx.metrics.values
+    assert 0 < m["data/below_pm_margin"] < m["data/reward_pairs"]
+    assert m["data/examined_pairs"] == m["data/reward_pairs"] - m["data/below_pm_margin"]

@@ -127,6 +127,7 @@ CASES = [
     Case("top_p", ["ppo.top_p=1.5"], ["ppo.top_p=1.5", "must be in (0, 1]"]),
     Case("lora_dropout", ["lora.dropout=1.0"], ["lora.dropout=1.0", "must be in [0, 1)"]),
     Case("rm_max_steps", ["stage=rm", "rm.max_steps=0"], ["rm.max_steps=0", "or -1"]),
+    Case("rm_min_pm_margin", ["stage=rm", "rm.min_pm_margin=0"], ["rm.min_pm_margin=0", "must be >= 1"]),
     Case("seed", ["seed=-1"], ["seed=-1", "must be in [0, 4294967295]"]),
     Case("nan_lr", ["ppo.learning_rate=nan"], ["ppo.learning_rate=nan", "must be > 0"]),
     Case("ratio_threshold", ["ppo.ratio_threshold=1"], ["ppo.ratio_threshold=1.0", "must be > 1"]),

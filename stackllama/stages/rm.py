@@ -54,6 +54,13 @@ def _shuffled(n: int, seed: int) -> list[int]:
     return order
 
 
+def clear_pairs(dataset: Any, min_margin: int) -> Any:
+    """The pairs whose chosen answer's pm_score beats the rejected one's by at least ``min_margin``."""
+    if min_margin <= 1:  # make_pairs keeps only pairs with different pm_scores: all pass
+        return dataset
+    return dataset.filter(lambda c, r: c - r >= min_margin, input_columns=["chosen_pm", "rejected_pm"])
+
+
 def encode_train_pairs(
     dataset: Any, tokenizer: Any, template: str, max_length: int | None, cap: int | None, seed: int,
     chunk: int = 512, group_by_question: bool = False,
@@ -227,7 +234,12 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_path, padding_side="right")
 
     grouped = bool(rm.group_by_question)
-    cols, dropped, examined = encode_train_pairs(splits.reward, tokenizer, template, max_length,
+    train_pairs = clear_pairs(splits.reward, int(rm.min_pm_margin))
+    metrics["data/below_pm_margin"] = len(splits.reward) - len(train_pairs)
+    if metrics["data/below_pm_margin"]:
+        log.info("rm: %d of %d pairs differ by less than rm.min_pm_margin=%d in pm_score; not trained on",
+                 metrics["data/below_pm_margin"], len(splits.reward), int(rm.min_pm_margin))
+    cols, dropped, examined = encode_train_pairs(train_pairs, tokenizer, template, max_length,
                                                  rm.max_train_pairs, seed, group_by_question=grouped)
     if not cols["chosen_ids"]:
         raise ValueError(f"no reward pairs left to train on: {dropped} of {examined} examined are longer than "
