@@ -96,9 +96,20 @@ def autocast(mode: str, device: torch.device | str) -> contextlib.AbstractContex
     return torch.autocast(device_type, dtype=_DTYPES[mode])
 
 
+def trainer_mode(cfg: Any, device: torch.device) -> str:
+    """The precision of the Trainer-based stages (SFT, RM): ``run_mode``, except that bf16 weights
+    (``model.dtype=bfloat16``) on CUDA always train under bf16 autocast, as the Trainer expects
+    of a bf16 model; one rule for both stages."""
+    mode = run_mode(cfg)
+    if mode == "no" and torch.device(device).type == "cuda" and cfg.model.dtype == "bfloat16":
+        return "bf16"
+    return mode
+
+
 def trainer_flags(mode: str) -> dict[str, Any]:
     """``TrainingArguments`` flags for ``mode`` (the Trainer enters the autocast itself)."""
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
 
 
-__all__ = ["MODES", "RESOLVED", "autocast", "check", "cpu_has_fast_bf16", "fast_bf16", "resolve", "run_mode", "trainer_flags"]
+__all__ = ["MODES", "RESOLVED", "autocast", "check", "cpu_has_fast_bf16", "fast_bf16", "resolve", "run_mode", "trainer_flags",
+           "trainer_mode"]

@@ -43,7 +43,36 @@ def test_ppo_may_keep_its_own_precision():
 
     cfg = compose_cfg(["mixed_precision=bf16", "ppo.mixed_precision=no"])
     validate_choices(cfg)
-    assert (cfg.ppo.mixed_precision or cfg.mixed_precision) == "no"
+    assert precision.run_mode(cfg, cfg.ppo.mixed_precision) == "no"  # what stages/ppo.py runs with
+    assert precision.run_mode(cfg) == "bf16"
     assert compose_cfg(["ppo.mixed_precision=null"]).ppo.mixed_precision is None
     with pytest.raises(ValueError, match="ppo.mixed_precision='fp8' is not valid"):
         validate_choices(compose_cfg(["ppo.mixed_precision=fp8"]))
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_bf16_weights_on_cuda_train_under_bf16_in_sft_and_in_rm(stage, monkeypatch, tmp_path):
+    """model.dtype=bfloat16 on CUDA: both Trainer-based stages ask the Trainer for bf16 (the RM
+    once did not). The Trainer arguments are captured, not built: there is no GPU here."""
+    from types import SimpleNamespace
+
+    import trl
+
+    from stackllama.stages import rm, sft
+
+    captured: dict = {}
+    monkeypatch.setattr(trl, "SFTConfig", lambda **kw: captured.update(kw))
+    monkeypatch.setattr(trl, "RewardConfig", lambda **kw: captured.update(kw))
+    cfg = compose_cfg(["model=tiny", "model.dtype=bfloat16", "mixed_precision=no"])
+
+    def flags(device: str) -> tuple[bool, bool]:
+        captured.clear()
+        ctx = SimpleNamespace(device=torch.device(device))
+        if stage == "sft":
+            sft.training_args(cfg, ctx, tmp_path)
+        else:
+            rm.reward_config(cfg, ctx, tmp_path, 8)
+        return captured["bf16"], captured["fp16"]
+
+    assert flags("cuda") == (True, False)
+    assert flags("cpu") == (False, False)  # on CPU the explicit setting stands

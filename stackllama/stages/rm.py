@@ -173,7 +173,7 @@ def reward_config(cfg: Any, ctx: Any, work_dir: Path, num_pairs: int):
         **checkpointing_kwargs(bool(rm.gradient_checkpointing)),
         center_rewards_coefficient=None,
         disable_dropout=False,  # honour rm.lora.dropout (the article's 0.1)
-        **precision.trainer_flags(precision.run_mode(cfg)),
+        **precision.trainer_flags(precision.trainer_mode(cfg, ctx.device)),
         use_cpu=ctx.device.type == "cpu",
         report_to="none",
         save_strategy="no",

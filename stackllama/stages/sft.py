@@ -137,9 +137,7 @@ def training_args(cfg: Any, ctx: Any, work_dir: Path):
 
     sft = cfg.sft
     on_cuda = ctx.device.type == "cuda"
-    mixed = precision.run_mode(cfg)  # autocast over model.dtype weights; bf16 weights on CUDA imply it
-    if mixed == "no" and on_cuda and cfg.model.dtype == "bfloat16":
-        mixed = "bf16"
+    mixed = precision.trainer_mode(cfg, ctx.device)  # autocast over model.dtype weights
     return SFTConfig(
         output_dir=str(work_dir / CHECKPOINTS),
         max_steps=int(sft.max_steps),
