@@ -37,24 +37,23 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
-# Settings that change how a stage is observed, not what it produces.
-_NOT_IN_KEY = {
-    "model": {"cache_dir", "hub_timeout", "gguf_source"},
-    "sft": {"logging_steps", "save_steps", "save_total_limit", "resume", "num_sample_generations",
-            "sample_max_new_tokens", "eval_size", "eval_fraction", "eval_batch_size"},
-    "rm": {"logging_steps", "eval_batch_size", "max_eval_pairs", "model_path", "eval_before"},
-    "ppo": {"log_every", "sample_every", "num_samples", "save_every", "resume", "policy_path", "cache_frozen_prefix",
-            "reward_model_path", "max_nonfinite_skips"},
-    "eval": {"num_samples_in_report"},
-}
-UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "eval": ("ppo", "sft", "rm")}
+def _keyed(node: dict[str, Any], drop: dict[str, Any]) -> dict[str, Any]:
+    for name, sub in drop.items():
+        if sub is True:
+            node.pop(name, None)
+        elif isinstance(node.get(name), dict):
+            _keyed(node[name], sub)
+    return node
 
 
 def _section(cfg: Any, name: str) -> Any:
+    """``cfg[name]`` without the fields its schema declares ``not_in_key`` (stackllama/config.py)."""
+    import typing
+
+    from stackllama.config import Config, unkeyed
+
     node = OmegaConf.to_container(cfg[name], resolve=True)
-    for key in _NOT_IN_KEY.get(name, ()):
-        node.pop(key, None)
-    return node
+    return _keyed(node, unkeyed(typing.get_type_hints(Config)[name]))
 
 
 def key_material(stage: str, cfg: Any) -> dict[str, Any]:

@@ -102,6 +102,44 @@ class TinyModelConfig:
     max_position_embeddings: int = field(default=1024, metadata=at_least(2))
 
 
+# ----------------------------------------------------------------------------- artifact keys
+
+
+def not_in_key(meta: dict | None = None, *, input: str | None = None) -> dict:
+    """Field metadata: the setting changes how a stage is observed (logs, checkpoints, samples,
+    reports, where caches live), not what the stage builds, so ``artifacts.stage_key`` leaves it
+    out. ``input="sft"``: the setting names an upstream artifact by path; the key holds that path
+    in its ``upstream`` part instead (``stackllama.artifacts.key_material``).
+
+    Every other field is in its stage's key: a new setting is keyed unless declared otherwise, so
+    forgetting this marks a setting too often rebuilt, never a stale artifact reused.
+    """
+    out = {**(meta or {}), "key": False}
+    if input is not None:
+        out["input"] = input
+    return out
+
+
+def in_key(f: Any) -> bool:
+    """Whether dataclass field ``f`` is part of its stage's artifact key."""
+    return f.metadata.get("key", True)
+
+
+def unkeyed(schema: type) -> dict[str, Any]:
+    """The fields of ``schema`` (a section dataclass) left out of artifact keys, nested ones as
+    a dict of their own: ``{"logging_steps": True, "lora": {...}}``."""
+    hints = typing.get_type_hints(schema)
+    out: dict[str, Any] = {}
+    for f in fields(schema):
+        if not in_key(f):
+            out[f.name] = True
+        elif is_dataclass(hints[f.name]):
+            nested = unkeyed(hints[f.name])
+            if nested:
+                out[f.name] = nested
+    return out
+
+
 @dataclass
 class ModelConfig:
     """Which pretrained model to start from and how to resolve it offline.
@@ -117,11 +155,12 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # defaults to name_or_path (tiny: the SmolLM2 tokenizer)
     gguf_package: Optional[str] = None  # Python package shipping a GGUF copy
     gguf_file: Optional[str] = None
-    gguf_source: Optional[str] = None  # the hub id that GGUF is a copy of: used for that name only
-    cache_dir: str = "${oc.env:STACKLLAMA_CACHE,${oc.env:HOME}/.cache/stackllama}/models"
+    gguf_source: Optional[str] = field(default=None, metadata=not_in_key())  # the hub id that GGUF is a copy of: used for that name only
+    cache_dir: str = field(default="${oc.env:STACKLLAMA_CACHE,${oc.env:HOME}/.cache/stackllama}/models",
+                           metadata=not_in_key())
     dtype: str = "float32"  # float32 | bfloat16 | float16: weights of the unquantized parts
     # seconds to wait for the hub before treating it as offline
-    hub_timeout: float = field(default=3.0, metadata=positive())
+    hub_timeout: float = field(default=3.0, metadata=not_in_key(positive()))
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -214,14 +253,14 @@ class SFTConfig:
     # questions or eval_size texts (the cap) is reached, always leaving one question to train on.
     eval_fraction: float = field(default=0.1, metadata=in_range(0, 1, hi_open=True))
     eval_size: int = field(default=200, metadata=non_negative())  # cap on held-out texts (0: hold out none)
-    eval_batch_size: int = field(default=4, metadata=at_least(1))
-    logging_steps: int = field(default=10, metadata=at_least(1))
-    save_steps: int = field(default=500, metadata=at_least(1))
-    save_total_limit: int = field(default=2, metadata=non_negative(hint="0: keep every checkpoint"))
+    eval_batch_size: int = field(default=4, metadata=not_in_key(at_least(1)))
+    logging_steps: int = field(default=10, metadata=not_in_key(at_least(1)))
+    save_steps: int = field(default=500, metadata=not_in_key(at_least(1)))
+    save_total_limit: int = field(default=2, metadata=not_in_key(non_negative(hint="0: keep every checkpoint")))
     gradient_checkpointing: bool = False
-    num_sample_generations: int = field(default=4, metadata=non_negative())
-    sample_max_new_tokens: int = field(default=64, metadata=at_least(1))
-    resume: bool = True  # continue from the last checkpoint in output_dir when present
+    num_sample_generations: int = field(default=4, metadata=not_in_key(non_negative()))
+    sample_max_new_tokens: int = field(default=64, metadata=not_in_key(at_least(1)))
+    resume: bool = field(default=True, metadata=not_in_key())  # continue from the last checkpoint in output_dir when present
     max_train_texts: Optional[int] = field(default=None, metadata=at_least(1))  # cap on training texts (quick runs)
 
 
@@ -229,7 +268,7 @@ class SFTConfig:
 class RMConfig:
     """Reward modelling (TRL RewardTrainer on vote-ranked pairs)."""
 
-    model_path: Optional[str] = None  # None: the SFT artifact for this config
+    model_path: Optional[str] = field(default=None, metadata=not_in_key(input="sft"))  # None: the SFT artifact
     lora: LoraConfig = field(
         default_factory=lambda: LoraConfig(enabled=True, r=8, alpha=32, dropout=0.1, task_type="SEQ_CLS")
     )  # filled from the lora group too: `lora@rm.lora=none` trains the full model
@@ -240,7 +279,7 @@ class RMConfig:
     num_layers: Optional[int] = field(default=None, metadata=at_least(1))
     learning_rate: float = field(default=2e-5, metadata=positive())
     batch_size: int = field(default=4, metadata=at_least(1))
-    eval_batch_size: int = field(default=8, metadata=at_least(1))
+    eval_batch_size: int = field(default=8, metadata=not_in_key(at_least(1)))
     gradient_accumulation_steps: int = field(default=1, metadata=at_least(1))
     num_train_epochs: float = field(default=1.0, metadata=positive())
     max_steps: int = field(default=-1, metadata=at_least(1, also=(-1,), hint="-1: train rm.num_train_epochs epochs"))
@@ -248,17 +287,17 @@ class RMConfig:
     weight_decay: float = field(default=0.001, metadata=non_negative())
     lr_scheduler_type: str = "linear"
     warmup_steps: int = field(default=0, metadata=non_negative())
-    logging_steps: int = field(default=10, metadata=at_least(1))
+    logging_steps: int = field(default=10, metadata=not_in_key(at_least(1)))
     # a cap; with group_by_question whole questions are kept
     max_train_pairs: Optional[int] = field(default=None, metadata=at_least(1))
     # Train only on pairs whose pm_scores differ by at least this much (1: every pair). Votes are
     # noisy: on the synthetic corpus the gold scorer agrees with 82% of margin-1 pairs and 95% of
     # margin-2 ones. The held-out pairs (eval/accuracy) are never filtered.
     min_pm_margin: int = field(default=1, metadata=at_least(1))
-    max_eval_pairs: Optional[int] = field(default=None, metadata=at_least(1))
+    max_eval_pairs: Optional[int] = field(default=None, metadata=not_in_key(at_least(1)))
     # Also score the held-out pairs before training (eval/accuracy_before: what training bought);
     # one more pass over them
-    eval_before: bool = True
+    eval_before: bool = field(default=True, metadata=not_in_key())
     gradient_checkpointing: bool = False
     # Pairs of one question share a batch and each distinct text is forwarded once: the same
     # loss as TRL's RewardTrainer on the same pairs, ~2.5x fewer forwards on a question with
@@ -274,11 +313,17 @@ class RMConfig:
 class PPOConfig:
     """Our KL-penalized PPO (see stackllama/ppo). Defaults follow the article's run."""
 
-    policy_path: Optional[str] = None  # None: the SFT artifact for this config
-    reward_model_path: Optional[str] = None  # None: the RM artifact for this config
-    steps: int = field(default=20000, metadata=at_least(1))  # PPO steps (batches of rollouts)
+    policy_path: Optional[str] = field(default=None, metadata=not_in_key(input="sft"))  # None: the SFT artifact
+    reward_model_path: Optional[str] = field(default=None, metadata=not_in_key(input="rm"))  # None: the RM artifact
+    # PPO steps: each samples batch_size episodes and trains on them, so a run is steps x batch_size
+    # episodes. The article's TRL PPOConfig(steps=20000) counted episodes (its loop ran
+    # ceil(20000 / 32) = 625 batches), hence 625 here.
+    steps: int = field(default=625, metadata=at_least(1))
     batch_size: int = field(default=32, metadata=at_least(1))  # episodes per step (article: 32 per process)
-    mini_batch_size: int = field(default=4, metadata=at_least(1))  # episodes per forward/backward
+    # Episodes per optimizer step; each step's gradient is accumulated over gradient_accumulation_steps
+    # forward/backward passes of mini_batch_size / gradient_accumulation_steps episodes each (TRL's
+    # mini_batch_size is per forward pass instead; set gradient_accumulation_steps=1 to match it).
+    mini_batch_size: int = field(default=4, metadata=at_least(1))
     gradient_accumulation_steps: int = field(default=1, metadata=at_least(1))
     ppo_epochs: int = field(default=4, metadata=at_least(1))
     learning_rate: float = field(default=1.4e-5, metadata=positive())
@@ -335,8 +380,9 @@ class PPOConfig:
     # A micro-batch with a NaN/inf loss or ratio, or an update with a NaN/inf gradient norm, is skipped
     # and counted (ppo/skipped_nonfinite); this many mini-batches in a row without an update because
     # of one end the run with an error (the policy has diverged).
-    max_nonfinite_skips: int = field(default=3, metadata=at_least(1))
-    # early-stop PPO epochs when approx KL exceeds it
+    max_nonfinite_skips: int = field(default=3, metadata=not_in_key(at_least(1)))
+    # Stop a step's remaining PPO epochs once an epoch's mean approx KL (to the rollout policy)
+    # exceeds 1.5 x target_kl (the OpenAI baselines / cleanRL rule). None: never.
     target_kl: Optional[float] = field(default=None, metadata=positive())
     # PPO's adapters on the last N decoder layers only, overriding lora.top_layers (which SFT uses
     # too): SFT adapts the whole model to the domain, PPO's small correction needs less depth and
@@ -345,7 +391,7 @@ class PPOConfig:
     # With adapters on the top layers only (lora.top_layers) the layers below them are the same for
     # the policy, the reference and every PPO epoch: run them once per rollout and keep their
     # output (B x tokens x hidden floats). Checked against a full forward at start; off: recompute.
-    cache_frozen_prefix: bool = True
+    cache_frozen_prefix: bool = field(default=True, metadata=not_in_key())
     # Memory: for small models the (episodes x tokens x vocabulary) logits, not the weights, set
     # the peak. The LM head runs on this many episodes at a time (checkpointed in training).
     head_chunk_size: int = field(default=1, metadata=at_least(1))
@@ -358,11 +404,11 @@ class PPOConfig:
     # auto | no | bf16 | fp16 for this stage's rollouts and passes; None: the run-wide mixed_precision
     mixed_precision: Optional[str] = None
     # Bookkeeping
-    log_every: int = field(default=1, metadata=non_negative(hint="0 logs every step, as 1"))
-    sample_every: int = field(default=10, metadata=non_negative(hint="0: never"))
-    num_samples: int = field(default=4, metadata=non_negative())
-    save_every: int = field(default=50, metadata=non_negative(hint="0: no checkpoints"))
-    resume: bool = True
+    log_every: int = field(default=1, metadata=not_in_key(non_negative(hint="0 logs every step, as 1")))
+    sample_every: int = field(default=10, metadata=not_in_key(non_negative(hint="0: never")))
+    num_samples: int = field(default=4, metadata=not_in_key(non_negative()))
+    save_every: int = field(default=50, metadata=not_in_key(non_negative(hint="0: no checkpoints")))
+    resume: bool = field(default=True, metadata=not_in_key())
 
 
 @dataclass
@@ -372,7 +418,7 @@ class EvalConfig:
     num_questions: int = field(default=64, metadata=at_least(1))
     max_new_tokens: int = field(default=64, metadata=at_least(1))
     batch_size: int = field(default=16, metadata=at_least(1))
-    num_samples_in_report: int = field(default=6, metadata=non_negative())
+    num_samples_in_report: int = field(default=6, metadata=not_in_key(non_negative()))
 
 
 @dataclass

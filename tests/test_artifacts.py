@@ -226,3 +226,62 @@ def test_all_stage_needs_follow_explicit_paths(tmp_path):
     assert needed(compose_cfg(_overrides(tmp_path, given[0], f"rm.model_path={tmp_path}")))["sft"] is False
     assert prefixed("ppo", {"ppo/reward_mean_end": 1.0, "objective/kl_end": 2.0, "nested": {"x": 1}}) == {
         "ppo/reward_mean_end": 1.0, "ppo/objective/kl_end": 2.0}
+
+
+def _unkeyed_overrides() -> list[tuple[str, str]]:
+    """(dotted key, a different valid value) for every schema field declared not_in_key that is
+    not an upstream path (those are keyed through ``upstream``)."""
+    import dataclasses
+    import typing
+
+    from stackllama.config import Config, in_key
+
+    defaults = Config()
+    out = []
+
+    def walk(schema: type, obj: object, prefix: str) -> None:
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            value = getattr(obj, f.name)
+            if in_key(f):
+                if dataclasses.is_dataclass(hints[f.name]):
+                    walk(hints[f.name], value, f"{prefix}{f.name}.")
+                continue
+            if "input" in f.metadata:
+                continue
+            if isinstance(value, bool):
+                new = str(not value).lower()
+            elif isinstance(value, (int, float)):
+                new = str(value + 1)
+            elif value is None:
+                new = "7"
+            else:
+                new = "/tmp/elsewhere"  # the one string so declared: a cache folder
+            out.append((f"{prefix}{f.name}", new))
+
+    for name in ("model", "sft", "rm", "ppo", "eval"):
+        walk(typing.get_type_hints(Config)[name], getattr(defaults, name), f"{name}.")
+    return out
+
+
+def test_every_not_in_key_field_leaves_every_key_unchanged(tmp_path):
+    flips = _unkeyed_overrides()
+    assert {"sft.logging_steps", "rm.eval_before", "ppo.save_every", "model.cache_dir"} <= {k for k, _ in flips}
+    base = _keys(tmp_path)
+    for key, value in flips:
+        assert _keys(tmp_path, f"{key}={value}") == base, f"{key}={value} changed a key"
+
+
+def test_sft_hold_out_settings_are_in_the_key(tmp_path):
+    # sft.eval_size / eval_fraction choose the held-out questions, which SFT then does not train on:
+    # two values are two different models (they were once left out of the key).
+    base = _keys(tmp_path, "sft.eval_size=8")
+    assert _keys(tmp_path, "sft.eval_size=4")["sft"] != base["sft"]
+    assert _keys(tmp_path, "sft.eval_size=8", "sft.eval_fraction=0.3")["sft"] != base["sft"]
+
+
+def test_a_keyed_field_unknown_to_the_key_code_is_still_keyed(tmp_path):
+    # Keys come from the schema: every field is keyed unless declared not_in_key, so a setting
+    # added later is never silently shared between two different models.
+    assert _keys(tmp_path, "rm.min_pm_margin=3")["rm"] != _keys(tmp_path)["rm"]
+

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -313,3 +314,22 @@ def test_all_end_to_end_then_ppo_reuses_sft_and_rm(tmp_path):
     assert "Building" not in log3
     for key in EVAL_KEYS + GOLD_KEYS:
         assert m3[key] == m[key], key  # same artifacts, same seeds: the same figures
+
+
+def test_eval_samples_and_measures_kl_as_ppo_is_configured():
+    """Eval judges the policy on PPO's own sampling settings and reports the KL with PPO's
+    estimator (it once hard-coded both: ancestral sampling and k1)."""
+    from stackllama.ppo.core import kl_estimate
+
+    cfg = compose_cfg(["ppo.temperature=0.5", "ppo.top_k=5", "ppo.top_p=0.9", "ppo.stop_at_eos=true"])
+    s = ev.sampling_settings(cfg)
+    assert (s.temperature, s.top_k, s.top_p, s.stop_at_eos) == (0.5, 5, 0.9, True)
+    lp = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5]])
+    bt = SimpleNamespace(response_mask=torch.tensor([[1, 1, 0]]))
+    k1 = ev.sequence_kl([lp], [ref], [bt], "k1")[0]
+    k3 = ev.sequence_kl([lp], [ref], [bt], "k3")[0]
+    assert k1 == pytest.approx(0.5 - 1.0)  # sum of log p - log p_ref over the unmasked tokens
+    r = ref[0, :2] - lp[0, :2]
+    assert k3 == pytest.approx(float((r.exp() - 1 - r).sum())) and k3 != pytest.approx(k1)
+    assert k3 == pytest.approx(float(kl_estimate(lp, ref, "k3")[0, :2].sum()))

@@ -308,3 +308,10 @@ def test_frozen_prefix_cache_changes_nothing_but_the_work(tmp_path):
         runs[cache] = _trainer(cfg, policy, tok, reward, tmp_path / str(cache)).train()
     for key in ("env/reward_mean", "objective/kl", "ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl"):
         assert runs[True][-1][key] == pytest.approx(runs[False][-1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_article_experiment_runs_the_article_s_number_of_episodes():
+    # The article's TRL PPOConfig(steps=20000, batch_size=32) meant 20000 episodes, i.e. 625 PPO
+    # updates of 32; our ppo.steps counts updates (it once defaulted to 20000, 32x the article).
+    cfg = compose_cfg(["experiment=article"])
+    assert cfg.ppo.steps * cfg.ppo.batch_size == 20000

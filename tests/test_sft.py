@@ -125,6 +125,22 @@ def test_cli_trains_merges_and_reports(tmp_path):
     assert samples.count("## Sample") == 2
 
 
+def test_settings_outside_the_key_do_not_change_the_model(tmp_path):
+    """Every sft field declared not_in_key (stackllama/config.py) flipped at once: the same
+    artifact key and the same weights, so sharing one artifact between such runs is right."""
+    from safetensors.torch import load_file
+
+    from stackllama.artifacts import stage_key
+
+    observed = ["sft.logging_steps=1", "sft.save_steps=2", "sft.save_total_limit=1", "sft.eval_batch_size=3",
+                "sft.num_sample_generations=1", "sft.sample_max_new_tokens=4", "sft.resume=false"]
+    cfg_a, folder_a, _ = _build_in_process(tmp_path / "a", "sft.max_steps=3")
+    cfg_b, folder_b, _ = _build_in_process(tmp_path / "b", "sft.max_steps=3", *observed)
+    assert stage_key("sft", cfg_a) == stage_key("sft", cfg_b)
+    a, b = load_file(folder_a / "model.safetensors"), load_file(folder_b / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_full_finetune_without_packing_counts_padding(tmp_path):
     """lora=none trains every weight and saves the model itself; unpacked batches pad."""
     from transformers import AutoModelForCausalLM
