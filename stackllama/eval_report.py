@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 FIG_DIR = "figures"
 HEADLINES = {
-    "sft": ("eval/perplexity", "eval/perplexity_before", "eval/loss", "train/loss", "train/steps"),
+    "sft": ("eval/perplexity", "eval/perplexity_before", "train/loss", "train/steps"),
     "rm": ("eval/accuracy", "eval/accuracy_before", "eval/gold_accuracy", "eval/margin", "train/steps"),
     "ppo": ("ppo/steps", "ppo/reward_mean_start", "ppo/reward_mean_end", "gold/score_start", "gold/score_end",
             "objective/kl_end", "objective/kl_coef_end", "hack/frac_hacking_end"),

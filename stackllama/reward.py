@@ -34,16 +34,12 @@ from typing import Any, Sequence
 import torch
 
 from stackllama import precision
+from stackllama.data.recipe import format_text  # the SFT text is the text the RM scores
 from stackllama.models.loader import text_config
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "Question: {question}\n\nAnswer: {answer}"
-
-
-def format_text(template: str, question: str, answer: str) -> str:
-    """The text a reward model sees for one (question, answer) pair, before the EOS."""
-    return template.format(question=question, answer=answer)
 
 
 def with_eos(text: str, tokenizer: Any) -> str:

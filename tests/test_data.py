@@ -186,7 +186,7 @@ def test_splits_deterministic_and_disjoint():
 def test_build_dataset_synthetic():
     c = small(n=200)
     s1, s2 = build_dataset(c), build_dataset(c)
-    assert isinstance(s1, Splits) and s1.has_gold
+    assert isinstance(s1, Splits) and gold_scorer(c) is not None
     assert s1.finetune.column_names == ["question", "answer", "text"]
     assert s1.reward.column_names == ["question", "chosen", "rejected", "chosen_pm", "rejected_pm"]
     assert s1.evaluation.column_names == s1.reward.column_names
@@ -265,7 +265,6 @@ def test_h4_preferences_from_jsonl(tmp_path):
                                   splits=SplitsConfig(finetune=0.0, reward=1.0, rl=0.0, evaluation=0.0)))
     assert s.reward.to_list() == [{"question": "How?", "chosen": "Like this.", "rejected": "Maybe.",
                                    "chosen_pm": 3, "rejected_pm": 1}]
-    assert not s.has_gold
 
 
 def test_paired_from_jsonl_folder_and_parquet(tmp_path):

@@ -102,7 +102,6 @@ def test_beer_counts(beer_splits):
     assert stats["data/reward_pairs"] == len(beer_splits.reward) > 0
     assert stats["data/eval_pairs"] == len(beer_splits.evaluation) > 0
     assert stats["data/rl_prompts"] == len(beer_splits.rl) == stats["data/rl_questions"]
-    assert not beer_splits.has_gold
 
 
 def test_beer_pairs_and_splits(beer_cfg, beer_splits):

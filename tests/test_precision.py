@@ -71,7 +71,7 @@ def test_bf16_weights_on_cuda_train_under_bf16_in_sft_and_in_rm(stage, monkeypat
         if stage == "sft":
             sft.training_args(cfg, ctx, tmp_path)
         else:
-            rm.reward_config(cfg, ctx, tmp_path, 8)
+            rm.reward_config(cfg, ctx, tmp_path)
         return captured["bf16"], captured["fp16"]
 
     assert flags("cuda") == (True, False)

@@ -494,7 +494,7 @@ def test_gradient_checkpointing_setting_reaches_the_trainers(tmp_path, enabled):
     cfg = compose_cfg(["model=tiny", "logger=none", f"rm.gradient_checkpointing={enabled}",
                        f"sft.gradient_checkpointing={enabled}"])
     ctx = _ctx(tmp_path)
-    for args in (reward_config(cfg, ctx, tmp_path, 8), training_args(cfg, ctx, tmp_path)):
+    for args in (reward_config(cfg, ctx, tmp_path), training_args(cfg, ctx, tmp_path)):
         assert args.gradient_checkpointing is enabled, type(args).__name__
         assert getattr(args, "activation_checkpointing", enabled) is enabled
 

@@ -60,7 +60,6 @@ class Splits:
     rl: datasets.Dataset  # question, query (template with an empty answer)
     evaluation: datasets.Dataset  # same columns as reward
     stats: dict[str, Any] = field(default_factory=dict)
-    has_gold: bool = False  # True when gold_scorer(data_cfg) is not None (synthetic)
 
 
 def load_records(data_cfg: Any) -> tuple[list[dict], dict[str, Any]]:
@@ -189,7 +188,6 @@ def build_splits(records: list[dict], data_cfg: Any) -> Splits:
         rl=datasets.Dataset.from_dict(rl, features=RL_FEATURES),
         evaluation=datasets.Dataset.from_dict(evaluation, features=PAIR_FEATURES),
         stats=stats,
-        has_gold=data_cfg.source == "synthetic",
     )
 
 

@@ -151,7 +151,7 @@ def longer_wins_accuracy(pairs: Any) -> float:
     return sum(wins) / len(wins) if wins else float("nan")
 
 
-def reward_config(cfg: Any, ctx: Any, work_dir: Path, num_pairs: int):
+def reward_config(cfg: Any, ctx: Any, work_dir: Path):
     from trl import RewardConfig
 
     from stackllama.stages.sft import checkpointing_kwargs
@@ -288,7 +288,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     trainer = grouped_reward_trainer(groups, group_lengths, rm.forward_chunk_size)(
         model=model,
-        args=reward_config(cfg, ctx, work_dir, len(train_set)),
+        args=reward_config(cfg, ctx, work_dir),
         train_dataset=train_set,
         processing_class=tokenizer,
         data_collator=DedupPreferenceCollator(tokenizer.pad_token_id) if grouped else None,
