@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 ARGS    ?=
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast lint format bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,14 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check stackllama tests bench
+	$(BIN)/ruff format --check stackllama tests bench
+
+format: setup
+	$(BIN)/ruff check --fix stackllama tests bench
+	$(BIN)/ruff format stackllama tests bench
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
