@@ -61,15 +61,23 @@ def run(args: argparse.Namespace) -> dict:
     from stackllama.ppo.rollout import PromptSource, generate_rollout
     from stackllama.stages.ppo import load_policy
 
-    cfg = common.compose([f"model={args.model}", f"ppo.min_new_tokens={args.min_new_tokens}",
-                          f"ppo.max_new_tokens={args.max_new_tokens}", "ppo.stop_at_eos=false", *args.overrides])
+    cfg = common.compose(
+        [
+            f"model={args.model}",
+            f"ppo.min_new_tokens={args.min_new_tokens}",
+            f"ppo.max_new_tokens={args.max_new_tokens}",
+            "ppo.stop_at_eos=false",
+            *args.overrides,
+        ]
+    )
     device = torch.device("cpu")
     torch.manual_seed(args.seed)
     policy, tok = load_policy(cfg, model_folder(cfg.model), device)
     model = policy.generation_model()
     splits = build_dataset(cfg.data)
-    prompts = PromptSource(list(splits.rl["question"]), list(splits.rl["query"]), tok,
-                           int(cfg.ppo.max_prompt_length), args.seed)
+    prompts = PromptSource(
+        list(splits.rl["question"]), list(splits.rl["query"]), tok, int(cfg.ppo.max_prompt_length), args.seed
+    )
     idx = prompts.next_batch(args.prompts)
     questions = [prompts.questions[i] for i in idx]
     query_ids = [prompts.query_ids[i] for i in idx]
@@ -88,17 +96,27 @@ def run(args: argparse.Namespace) -> dict:
         n = 0
         for q, length in zip(query_ids, lengths):
             ids = torch.tensor([q], device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
-                                 min_new_tokens=length, do_sample=True, top_k=int(ppo.top_k), top_p=float(ppo.top_p),
-                                 temperature=float(ppo.temperature), pad_token_id=tok.pad_token_id, use_cache=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=length,
+                min_new_tokens=length,
+                do_sample=True,
+                top_k=int(ppo.top_k),
+                top_p=float(ppo.top_p),
+                temperature=float(ppo.temperature),
+                pad_token_id=tok.pad_token_id,
+                use_cache=True,
+            )
             n += out.shape[1] - ids.shape[1]
         return n
 
     fns = {"batched": batched, "naive": naive}
     # warm-up: one short call each (first-call allocations, lazy imports)
     generate_rollout(model, tok, questions[:2], query_ids[:2], [2, 2], ppo, device)
-    model.generate(input_ids=torch.tensor([query_ids[0]]), max_new_tokens=2, do_sample=True, top_k=0,
-                   pad_token_id=tok.pad_token_id)
+    model.generate(
+        input_ids=torch.tensor([query_ids[0]]), max_new_tokens=2, do_sample=True, top_k=0, pad_token_id=tok.pad_token_id
+    )
     rows = []
     for repeat in range(args.repeats):
         order = MODES if repeat % 2 == 0 else MODES[::-1]
@@ -106,8 +124,15 @@ def run(args: argparse.Namespace) -> dict:
             started = time.perf_counter()
             produced = fns[mode]()
             seconds = time.perf_counter() - started
-            rows.append({"mode": mode, "repeat": repeat, "seconds": seconds, "tokens": produced,
-                         "tokens_per_second": produced / seconds})
+            rows.append(
+                {
+                    "mode": mode,
+                    "repeat": repeat,
+                    "seconds": seconds,
+                    "tokens": produced,
+                    "tokens_per_second": produced / seconds,
+                }
+            )
             common.log(f"[{mode} #{repeat}] {produced} tokens in {seconds:.2f}s: {produced / seconds:.1f} tokens/s")
     summary = {}
     for mode in MODES:
@@ -118,21 +143,31 @@ def run(args: argparse.Namespace) -> dict:
             "tokens_per_second_runs": [round(r["tokens_per_second"], 1) for r in mine],
         }
     summary["ratio_tokens_per_second"] = summary["batched"]["tokens_per_second"] / summary["naive"]["tokens_per_second"]
-    summary["ratio_best"] = max(summary["batched"]["tokens_per_second_runs"]) / max(summary["naive"]["tokens_per_second_runs"])
+    summary["ratio_best"] = max(summary["batched"]["tokens_per_second_runs"]) / max(
+        summary["naive"]["tokens_per_second_runs"]
+    )
     summary["ratio_per_repeat"] = [
-        round(next(r for r in rows if r["mode"] == "batched" and r["repeat"] == k)["tokens_per_second"]
-              / next(r for r in rows if r["mode"] == "naive" and r["repeat"] == k)["tokens_per_second"], 3)
-        for k in range(args.repeats)]
+        round(
+            next(r for r in rows if r["mode"] == "batched" and r["repeat"] == k)["tokens_per_second"]
+            / next(r for r in rows if r["mode"] == "naive" and r["repeat"] == k)["tokens_per_second"],
+            3,
+        )
+        for k in range(args.repeats)
+    ]
     slots = args.prompts * max(lengths)
-    print(f"\nGeneration benchmark: model={cfg.model.name} lora={bool(cfg.lora.enabled)} prompts={args.prompts} "
-          f"lengths {min(lengths)}..{max(lengths)} (sum {real_tokens}, batched computes {slots} slots) "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"\nGeneration benchmark: model={cfg.model.name} lora={bool(cfg.lora.enabled)} prompts={args.prompts} "
+        f"lengths {min(lengths)}..{max(lengths)} (sum {real_tokens}, batched computes {slots} slots) "
+        f"threads={torch.get_num_threads()}"
+    )
     print(f"{'mode':<9}{'tokens/s':>10}{'s/rollout':>11}   runs (tokens/s)")
     for mode in MODES:
         s = summary[mode]
         print(f"{mode:<9}{s['tokens_per_second']:>10.1f}{s['seconds']:>11.2f}   {s['tokens_per_second_runs']}")
-    print(f"batched / naive tokens/s: {summary['ratio_tokens_per_second']:.2f}x (per repeat "
-          f"{summary['ratio_per_repeat']}, best / best {summary['ratio_best']:.2f}x)")
+    print(
+        f"batched / naive tokens/s: {summary['ratio_tokens_per_second']:.2f}x (per repeat "
+        f"{summary['ratio_per_repeat']}, best / best {summary['ratio_best']:.2f}x)"
+    )
     payload = {
         "benchmark": "rollout_generation",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -47,18 +47,34 @@ RULE_OF_THUMB_GB_PER_B = (1.2, 1.4)
 # its shape overridden; SmolLM2 tokenizer, vocabulary 49152). Params include embeddings.
 SHAPES = {
     # ~0.45B: for CPU memory-per-parameter checks
-    "llama-0.5b": {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 16,
-                   "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 2048},
+    "llama-0.5b": {
+        "hidden_size": 1536,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+    },
     # ~1.1B: TinyLlama-1.1B's shape, for the GPU variant
-    "llama-1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-                 "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048},
+    "llama-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 2048,
+    },
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sft-json", type=Path, default=common.RESULTS / "sft.json",
-                   help="bench_sft.py output to take SFT tokens/s from (run it when missing, see --run-sft)")
+    p.add_argument(
+        "--sft-json",
+        type=Path,
+        default=common.RESULTS / "sft.json",
+        help="bench_sft.py output to take SFT tokens/s from (run it when missing, see --run-sft)",
+    )
     p.add_argument("--run-sft", action="store_true", help="run bench/bench_sft.py first (--sft-steps/--sft-repeats)")
     p.add_argument("--sft-steps", type=int, default=4)
     p.add_argument("--sft-repeats", type=int, default=1)
@@ -110,10 +126,17 @@ def matmul_peak(device: str, dtype_name: str, sizes: list[int], seconds_per_size
         per_size[n] = best
         del a, b
     peak = max(per_size.values())
-    common.log(f"matmul peak {device} {dtype_name}: {peak:.3f} TFLOP/s "
-               f"({', '.join(f'n={n}: {v:.3f}' for n, v in per_size.items())})")
-    return {"device": device, "dtype": dtype_name, "threads": torch.get_num_threads(),
-            "tflops": peak, "tflops_by_size": per_size}
+    common.log(
+        f"matmul peak {device} {dtype_name}: {peak:.3f} TFLOP/s "
+        f"({', '.join(f'n={n}: {v:.3f}' for n, v in per_size.items())})"
+    )
+    return {
+        "device": device,
+        "dtype": dtype_name,
+        "threads": torch.get_num_threads(),
+        "tflops": peak,
+        "tflops_by_size": per_size,
+    }
 
 
 # =============================================================================== params
@@ -214,7 +237,9 @@ def sft_worker(spec: dict) -> dict:
     out["anon_peak_mb"] = anon.peak_anon
     out["anon_peak_minus_preload_mb"] = anon.peak_anon - anon_preload
     out["gb_per_b_params_anon"] = (anon.peak_anon - anon_preload) * 2**20 / 1e9 / (params / 1e9)
-    out["gb_per_b_params_weights_only_anon"] = (loaded_breakdown.get("RssAnon", 0.0) - anon_preload) * 2**20 / 1e9 / (params / 1e9)
+    out["gb_per_b_params_weights_only_anon"] = (
+        (loaded_breakdown.get("RssAnon", 0.0) - anon_preload) * 2**20 / 1e9 / (params / 1e9)
+    )
     if device.type == "cuda":
         out["cuda_weights_mb"] = cuda_loaded / 2**20
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -232,16 +257,30 @@ def launch_sft(overrides: list[str], device: str, timeout: float = 3600, name: s
     with tempfile.TemporaryDirectory(prefix="bench_hw_") as tmp:
         spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps({"overrides": overrides, "device": device}))
-        tag = "_".join(([name] if name else []) + [o.split("=")[-1] for o in overrides
-                                                    if o.startswith(("quantization=",) if name else ("model=", "quantization="))])
+        tag = "_".join(
+            ([name] if name else [])
+            + [
+                o.split("=")[-1]
+                for o in overrides
+                if o.startswith(("quantization=",) if name else ("model=", "quantization="))
+            ]
+        )
         log_path = common.RESULTS / f"hardware_sft_{tag}_{device.split(':')[0]}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--sft-worker", str(spec), "--result", str(result)]
         with open(log_path, "w") as fh:
-            proc = subprocess.run(cmd, cwd=common.REPO, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.run(
+                cmd,
+                cwd=common.REPO,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         if proc.returncode != 0:
-            raise RuntimeError(f"SFT worker failed (rc={proc.returncode}), see {log_path}:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"SFT worker failed (rc={proc.returncode}), see {log_path}:\n{log_path.read_text()[-3000:]}"
+            )
         return json.loads(result.read_text())
 
 
@@ -252,12 +291,21 @@ def sft_mfu(peak_tflops: float, sft_json: Path) -> dict:
     sys.path.insert(0, str(common.REPO))
     from stackllama.models.loader import model_folder
 
-    cfg = common.compose([f"model={data['model']}"]) if data.get("model") in ("tiny", "smollm2-135m", "llama-7b") \
+    cfg = (
+        common.compose([f"model={data['model']}"])
+        if data.get("model") in ("tiny", "smollm2-135m", "llama-7b")
         else common.compose(["model=smollm2-135m"])
+    )
     params = count_params(model_folder(cfg.model))
-    out = {"source": str(sft_json.relative_to(common.REPO) if sft_json.is_relative_to(common.REPO) else sft_json),
-           "model": data.get("model"), "quantization": data.get("quantization"), "lora": data.get("lora"),
-           "seq_length": data.get("seq_length"), "params": params, "peak_tflops": peak_tflops}
+    out = {
+        "source": str(sft_json.relative_to(common.REPO) if sft_json.is_relative_to(common.REPO) else sft_json),
+        "model": data.get("model"),
+        "quantization": data.get("quantization"),
+        "lora": data.get("lora"),
+        "seq_length": data.get("seq_length"),
+        "params": params,
+        "peak_tflops": peak_tflops,
+    }
     for mode in ("packed", "unpacked"):
         s = data["summary"][mode]
         # real tokens (padding excluded) for the model FLOPs; slots (what is computed) for hardware FLOPs
@@ -270,14 +318,24 @@ def sft_mfu(peak_tflops: float, sft_json: Path) -> dict:
             "hfu_4n_lora": 4 * params * s["slots_per_second"] / 1e12 / peak_tflops,
         }
     out["packing_ratio"] = data["summary"].get("ratio_tokens_per_second")
-    common.log(f"SFT MFU ({out['model']}, packed): {out['packed']['mfu_6n']:.1%} of {peak_tflops:.3f} TFLOP/s "
-               f"({out['packed']['tokens_per_second']:.1f} tokens/s)")
+    common.log(
+        f"SFT MFU ({out['model']}, packed): {out['packed']['mfu_6n']:.1%} of {peak_tflops:.3f} TFLOP/s "
+        f"({out['packed']['tokens_per_second']:.1f} tokens/s)"
+    )
     return out
 
 
 def run_sft_bench(steps: int, repeats: int, output: Path) -> None:
-    cmd = [sys.executable, str(common.BENCH / "bench_sft.py"), "--steps", str(steps), "--repeats", str(repeats),
-           "--output", str(output)]
+    cmd = [
+        sys.executable,
+        str(common.BENCH / "bench_sft.py"),
+        "--steps",
+        str(steps),
+        "--repeats",
+        str(repeats),
+        "--output",
+        str(output),
+    ]
     common.log("running " + " ".join(cmd[1:]))
     log_path = common.RESULTS / "sft.log"
     with open(log_path, "w") as fh:
@@ -285,7 +343,7 @@ def run_sft_bench(steps: int, repeats: int, output: Path) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"bench_sft.py failed, see {log_path}:\n{log_path.read_text()[-3000:]}")
     text = log_path.read_text()
-    print(text[text.find("SFT packing benchmark"):] if "SFT packing benchmark" in text else text[-1500:])
+    print(text[text.find("SFT packing benchmark") :] if "SFT packing benchmark" in text else text[-1500:])
 
 
 def memory_runs(args: argparse.Namespace) -> list[dict]:
@@ -294,18 +352,24 @@ def memory_runs(args: argparse.Namespace) -> list[dict]:
     for name in models:
         big = name in SHAPES
         overrides = model_overrides(name) + [
-            "quantization=int8", "lora=default", f"sft.max_steps={args.memory_steps}", "sft.packing=true",
+            "quantization=int8",
+            "lora=default",
+            f"sft.max_steps={args.memory_steps}",
+            "sft.packing=true",
             f"sft.seq_length={128 if big else args.memory_seq_length}",
-            f"sft.batch_size={1 if big else args.memory_batch_size}", "sft.logging_steps=1",
+            f"sft.batch_size={1 if big else args.memory_batch_size}",
+            "sft.logging_steps=1",
         ]
         common.log(f"memory run: {name} int8 + LoRA ({args.memory_steps} steps)")
         row = launch_sft(overrides, "cpu", name=name)
         row["name"] = name
         rows.append(row)
-        common.log(f"  {name}: {row['params'] / 1e6:.0f}M params, peak RSS {row['peak_rss_mb']:.0f} MB, "
-                   f"pre-load {row['rss_preload_mb']:.0f} MB -> {row['gb_per_b_params']:.2f} GB per B params "
-                   f"(weights alone {row['gb_per_b_params_weights_only']:.2f}); anonymous memory only (no mapped "
-                   f"files): {row['gb_per_b_params_anon']:.2f} (weights alone {row['gb_per_b_params_weights_only_anon']:.2f})")
+        common.log(
+            f"  {name}: {row['params'] / 1e6:.0f}M params, peak RSS {row['peak_rss_mb']:.0f} MB, "
+            f"pre-load {row['rss_preload_mb']:.0f} MB -> {row['gb_per_b_params']:.2f} GB per B params "
+            f"(weights alone {row['gb_per_b_params_weights_only']:.2f}); anonymous memory only (no mapped "
+            f"files): {row['gb_per_b_params_anon']:.2f} (weights alone {row['gb_per_b_params_weights_only_anon']:.2f})"
+        )
     return rows
 
 
@@ -319,22 +383,28 @@ def run_cpu(args: argparse.Namespace) -> dict:
     print(f"fp32 matmul peak: {peak['tflops'] * 1e3:.1f} GFLOP/s ({peak['threads']} threads)")
     for mode in ("packed", "unpacked"):
         m = mfu[mode]
-        print(f"SFT {mode:<8} {mfu['model']} {m['tokens_per_second']:.1f} tokens/s -> MFU (6N) {m['mfu_6n']:.1%}, "
-              f"HFU (4N, LoRA, slots) {m['hfu_4n_lora']:.1%}")
+        print(
+            f"SFT {mode:<8} {mfu['model']} {m['tokens_per_second']:.1f} tokens/s -> MFU (6N) {m['mfu_6n']:.1%}, "
+            f"HFU (4N, LoRA, slots) {m['hfu_4n_lora']:.1%}"
+        )
     for row in memory:
-        print(f"SFT int8+LoRA memory {row['name']}: {row['gb_per_b_params']:.2f} GB per B params "
-              f"(peak RSS - pre-load RSS = {row['peak_minus_preload_mb']:.0f} MB for {row['params'] / 1e6:.0f}M params; "
-              f"rule of thumb {RULE_OF_THUMB_GB_PER_B[0]}-{RULE_OF_THUMB_GB_PER_B[1]}); anonymous memory only: "
-              f"{row['gb_per_b_params_anon']:.2f}, weights alone {row['gb_per_b_params_weights_only_anon']:.2f}")
+        print(
+            f"SFT int8+LoRA memory {row['name']}: {row['gb_per_b_params']:.2f} GB per B params "
+            f"(peak RSS - pre-load RSS = {row['peak_minus_preload_mb']:.0f} MB for {row['params'] / 1e6:.0f}M params; "
+            f"rule of thumb {RULE_OF_THUMB_GB_PER_B[0]}-{RULE_OF_THUMB_GB_PER_B[1]}); anonymous memory only: "
+            f"{row['gb_per_b_params_anon']:.2f}, weights alone {row['gb_per_b_params_weights_only_anon']:.2f}"
+        )
     payload = {
         "benchmark": "hardware_cpu",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {**common.machine_info(), "load_average_at_end": common.load_average()},
         "matmul_peak": peak,
         "sft_mfu": mfu,
-        "memory": {"rule_of_thumb_gb_per_b": RULE_OF_THUMB_GB_PER_B,
-                   "measure": "peak RSS (getrusage ru_maxrss) minus RSS before the model is loaded, per subprocess",
-                   "runs": memory},
+        "memory": {
+            "rule_of_thumb_gb_per_b": RULE_OF_THUMB_GB_PER_B,
+            "measure": "peak RSS (getrusage ru_maxrss) minus RSS before the model is loaded, per subprocess",
+            "runs": memory,
+        },
     }
     out = args.output or RESULTS
     common.write_json(out, payload)
@@ -366,10 +436,18 @@ def run_gpu(args: argparse.Namespace) -> dict | None:
     rows = []
     for name in args.gpu_models:
         for base in args.gpu_bases:
-            overrides = model_overrides(name) + bases[base] + [
-                "lora=default", f"sft.max_steps={args.gpu_steps}", "sft.packing=true",
-                f"sft.seq_length={args.gpu_seq_length}", f"sft.batch_size={args.gpu_batch_size}", "sft.logging_steps=1",
-            ]
+            overrides = (
+                model_overrides(name)
+                + bases[base]
+                + [
+                    "lora=default",
+                    f"sft.max_steps={args.gpu_steps}",
+                    "sft.packing=true",
+                    f"sft.seq_length={args.gpu_seq_length}",
+                    f"sft.batch_size={args.gpu_batch_size}",
+                    "sft.logging_steps=1",
+                ]
+            )
             common.log(f"GPU SFT run: {name} base={base}")
             try:
                 row = launch_sft(overrides, device, name=name)
@@ -378,20 +456,31 @@ def run_gpu(args: argparse.Namespace) -> dict | None:
                 rows.append({"name": name, "base": base, "error": str(exc)[-2000:]})
                 continue
             tps = row.get("tokens_per_second_steady", row["tokens_per_second"])
-            row.update({"name": name, "base": base, "tokens_per_second_used": tps,
-                        "mfu_6n": 6 * row["params"] * tps / 1e12 / peak["tflops"],
-                        "hfu_4n_lora": 4 * row["params"] * tps / 1e12 / peak["tflops"]})
+            row.update(
+                {
+                    "name": name,
+                    "base": base,
+                    "tokens_per_second_used": tps,
+                    "mfu_6n": 6 * row["params"] * tps / 1e12 / peak["tflops"],
+                    "hfu_4n_lora": 4 * row["params"] * tps / 1e12 / peak["tflops"],
+                }
+            )
             rows.append(row)
             common.log(f"  {tps:.0f} tokens/s, MFU {row['mfu_6n']:.1%}, {row['gb_per_b_params']:.2f} GB per B params")
     print("\nHardware benchmark (GPU)" + (" [dry run on CPU]" if dry else ""))
-    print(f"{peak['dtype']} matmul peak: {peak['tflops']:.1f} TFLOP/s" + (f"; fp32 (no TF32): {peak_fp32['tflops']:.1f}" if peak_fp32 else ""))
+    print(
+        f"{peak['dtype']} matmul peak: {peak['tflops']:.1f} TFLOP/s"
+        + (f"; fp32 (no TF32): {peak_fp32['tflops']:.1f}" if peak_fp32 else "")
+    )
     print(f"{'model':<14}{'base':<6}{'params':>8}{'tokens/s':>10}{'MFU 6N':>8}{'GB/B params':>12}{'weights GB/B':>13}")
     for r in rows:
         if "error" in r:
             print(f"{r['name']:<14}{r['base']:<6}  failed: {r['error'][-120:]!r}")
             continue
-        print(f"{r['name']:<14}{r['base']:<6}{r['params'] / 1e6:>7.0f}M{r['tokens_per_second_used']:>10.0f}"
-              f"{r['mfu_6n']:>8.1%}{r['gb_per_b_params']:>12.2f}{r['gb_per_b_params_weights_only']:>13.2f}")
+        print(
+            f"{r['name']:<14}{r['base']:<6}{r['params'] / 1e6:>7.0f}M{r['tokens_per_second_used']:>10.0f}"
+            f"{r['mfu_6n']:>8.1%}{r['gb_per_b_params']:>12.2f}{r['gb_per_b_params_weights_only']:>13.2f}"
+        )
     payload = {
         "benchmark": "hardware_gpu",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -400,8 +489,10 @@ def run_gpu(args: argparse.Namespace) -> dict | None:
         "matmul_peak": peak,
         "matmul_peak_fp32": peak_fp32,
         "memory_rule_of_thumb_gb_per_b": RULE_OF_THUMB_GB_PER_B,
-        "notes": ["tokens/s excludes the first step when >= 3 steps ran (tokens_per_second_steady)",
-                  "memory = torch.cuda.max_memory_allocated over load + training, per subprocess"],
+        "notes": [
+            "tokens/s excludes the first step when >= 3 steps ran (tokens_per_second_steady)",
+            "memory = torch.cuda.max_memory_allocated over load + training, per subprocess",
+        ],
         "runs": rows,
     }
     out = args.output or RESULTS_GPU

@@ -42,27 +42,61 @@ def run(args: argparse.Namespace) -> dict:
         tmp = Path(tmp)
         artifacts, cache, run_dir = tmp / "artifacts", tmp / "cache", tmp / "run"
         cache.mkdir()
-        cmd = [sys.executable, "-m", "stackllama", "stage=all", "logger=none", f"artifacts_dir={artifacts}",
-               f"hydra.run.dir={run_dir}", *args.overrides]
-        env = {**os.environ, "STACKLLAMA_CACHE": str(cache), "WANDB_MODE": "disabled",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "stackllama",
+            "stage=all",
+            "logger=none",
+            f"artifacts_dir={artifacts}",
+            f"hydra.run.dir={run_dir}",
+            *args.overrides,
+        ]
+        env = {
+            **os.environ,
+            "STACKLLAMA_CACHE": str(cache),
+            "WANDB_MODE": "disabled",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
         common.log("running " + " ".join(cmd[1:]) + f" (STACKLLAMA_CACHE={cache})")
         started = time.perf_counter()
         with open(log_path, "w") as fh:
-            proc = subprocess.run(cmd, cwd=common.REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=args.timeout)
+            proc = subprocess.run(
+                cmd, cwd=common.REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=args.timeout
+            )
         wall = time.perf_counter() - started
         if proc.returncode != 0:
-            raise RuntimeError(f"pipeline failed (rc={proc.returncode}) after {wall:.0f}s; see {log_path}:\n"
-                               f"{log_path.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"pipeline failed (rc={proc.returncode}) after {wall:.0f}s; see {log_path}:\n"
+                f"{log_path.read_text()[-3000:]}"
+            )
         metrics_path = run_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     stages = {k: v for k, v in metrics.items() if k.startswith("time/")}
-    headline = {k: metrics[k] for k in (
-        "sft/eval/perplexity_before", "sft/eval/perplexity", "rm/eval/accuracy", "rm/eval/gold_accuracy",
-        "ppo/reward_mean_start", "ppo/reward_mean_end", "ppo/gold/score_start", "ppo/gold/score_end",
-        "ppo/objective/kl_end", "eval/win_rate_vs_sft", "eval/win_rate_stderr", "eval/gold_win_rate_vs_sft",
-        "eval/reward_mean_ppo", "eval/reward_mean_sft", "eval/gold_mean_ppo", "eval/gold_mean_sft", "eval/kl_mean",
-    ) if k in metrics}
+    headline = {
+        k: metrics[k]
+        for k in (
+            "sft/eval/perplexity_before",
+            "sft/eval/perplexity",
+            "rm/eval/accuracy",
+            "rm/eval/gold_accuracy",
+            "ppo/reward_mean_start",
+            "ppo/reward_mean_end",
+            "ppo/gold/score_start",
+            "ppo/gold/score_end",
+            "ppo/objective/kl_end",
+            "eval/win_rate_vs_sft",
+            "eval/win_rate_stderr",
+            "eval/gold_win_rate_vs_sft",
+            "eval/reward_mean_ppo",
+            "eval/reward_mean_sft",
+            "eval/gold_mean_ppo",
+            "eval/gold_mean_sft",
+            "eval/kl_mean",
+        )
+        if k in metrics
+    }
     print(f"\nPipeline (stage=all, embedded default, empty cache): {wall:.0f} s = {wall / 60:.1f} min")
     for k, v in stages.items():
         print(f"  {k}: {v:.0f} s" if isinstance(v, (int, float)) else f"  {k}: {v}")

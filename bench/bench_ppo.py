@@ -61,8 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="runs per side and setting, alternated")
     p.add_argument("--finetune", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra Hydra overrides for our side, e.g. ppo.head_chunk_size=8 (memory/speed trade-offs)")
+    p.add_argument(
+        "--ours",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra overrides for our side, e.g. ppo.head_chunk_size=8 (memory/speed trade-offs)",
+    )
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES, help="run only some sides (profiling)")
     p.add_argument("--profile", action="store_true", help="also profile one of our steps (torch.profiler)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
@@ -121,28 +126,39 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
 
 # =============================================================================== workers
 def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
+    import peft  # noqa: F401  (imported before the pre-load reading, as trl imports them on the other side)
     import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401
 
+    from stackllama.ppo import trainer as our_trainer
     from stackllama.ppo.rollout import PromptSource
     from stackllama.ppo.trainer import PPOTrainer
     from stackllama.reward import RewardScorer
     from stackllama.stages.ppo import load_policy
-    import peft  # noqa: F401  (imported before the pre-load reading, as trl imports them on the other side)
-    import transformers.models.llama.modeling_llama  # noqa: F401
-
-    from stackllama.ppo import trainer as our_trainer
 
     rss_preload = common.rss_now_mb()
     sampler = common.RssSampler()
     our_trainer.generate_rollout = sampler.wrap(our_trainer.generate_rollout, lambda *a, **k: "rollout")
     B, R = spec["batch_size"], spec["response_length"]
     overrides = [
-        f"model={spec['model']}", "lora=default" if finetune == "lora" else "lora=none",
-        f"ppo.steps={spec['steps']}", f"ppo.batch_size={B}", f"ppo.mini_batch_size={B // spec['mini_batches']}",
-        f"ppo.ppo_epochs={spec['ppo_epochs']}", f"ppo.min_new_tokens={R}", f"ppo.max_new_tokens={R + 1}",
-        "ppo.stop_at_eos=false", "ppo.top_k=0", "ppo.top_p=1.0", "ppo.temperature=1.0",
-        f"ppo.learning_rate={spec['learning_rate']}", f"ppo.kl_coef={spec['kl_coef']}",
-        "ppo.sample_every=0", "ppo.save_every=0", f"ppo.reward_batch_size={B}", "ppo.max_prompt_length=1024",
+        f"model={spec['model']}",
+        "lora=default" if finetune == "lora" else "lora=none",
+        f"ppo.steps={spec['steps']}",
+        f"ppo.batch_size={B}",
+        f"ppo.mini_batch_size={B // spec['mini_batches']}",
+        f"ppo.ppo_epochs={spec['ppo_epochs']}",
+        f"ppo.min_new_tokens={R}",
+        f"ppo.max_new_tokens={R + 1}",
+        "ppo.stop_at_eos=false",
+        "ppo.top_k=0",
+        "ppo.top_p=1.0",
+        "ppo.temperature=1.0",
+        f"ppo.learning_rate={spec['learning_rate']}",
+        f"ppo.kl_coef={spec['kl_coef']}",
+        "ppo.sample_every=0",
+        "ppo.save_every=0",
+        f"ppo.reward_batch_size={B}",
+        "ppo.max_prompt_length=1024",
         "mixed_precision=no",  # TRL's side runs fp32; --ours mixed_precision=bf16 for our bf16 figure
         *spec.get("ours_overrides", []),
     ]
@@ -151,12 +167,26 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(spec["seed"])
     policy, tok = load_policy(cfg, Path(spec["base_model"]), device)
-    scorer = RewardScorer.from_pretrained(spec["reward_model"], device=device, batch_size=B, template=spec["template"],
-                                          mixed_precision=cfg.mixed_precision)
+    scorer = RewardScorer.from_pretrained(
+        spec["reward_model"],
+        device=device,
+        batch_size=B,
+        template=spec["template"],
+        mixed_precision=cfg.mixed_precision,
+    )
     prompts = PromptSource(spec["questions"], spec["queries"], tok, 1024, spec["seed"])
     with tempfile.TemporaryDirectory(prefix="bench_ppo_ours_") as tmp:
-        trainer = PPOTrainer(cfg.ppo, policy, tok, sampler.wrap(scorer.score, lambda *a, **k: "score"), prompts,
-                             device, spec["seed"], Path(tmp) / "ckpt", mixed_precision=cfg.mixed_precision)
+        trainer = PPOTrainer(
+            cfg.ppo,
+            policy,
+            tok,
+            sampler.wrap(scorer.score, lambda *a, **k: "score"),
+            prompts,
+            device,
+            spec["seed"],
+            Path(tmp) / "ckpt",
+            mixed_precision=cfg.mixed_precision,
+        )
         trainer._forward_no_grad = sampler.wrap(trainer._forward_no_grad, lambda *a, **k: "forward")
         trainer._optimize = sampler.wrap(trainer._optimize, lambda *a, **k: "optimize")
         setup_s = time.perf_counter() - t0
@@ -206,12 +236,19 @@ def profile_step(trainer) -> dict:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     print(table, flush=True)
     top = [
-        {"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "cpu_total_ms": e.cpu_time_total / 1e3, "calls": e.count}
+        {
+            "op": e.key,
+            "self_cpu_ms": e.self_cpu_time_total / 1e3,
+            "cpu_total_ms": e.cpu_time_total / 1e3,
+            "calls": e.count,
+        }
         for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
     ]
-    return {"step_s": stats["time/ppo/step"],
-            "phases_s": {k: stats[f"time/ppo/{k}"] for k in ("rollout", "score", "forward", "optimize")},
-            "top_ops": top}
+    return {
+        "step_s": stats["time/ppo/step"],
+        "phases_s": {k: stats[f"time/ppo/{k}"] for k in ("rollout", "score", "forward", "optimize")},
+        "top_ops": top,
+    }
 
 
 def worker_trl(spec: dict, finetune: str) -> dict:
@@ -238,16 +275,20 @@ def worker_trl(spec: dict, finetune: str) -> dict:
                 name = name_of(*a, **kw)
                 if name:
                     phase[name] += time.perf_counter() - t
+
         return wrapper
 
-    trl_ppo.batch_generation = sampler.wrap(timed(trl_ppo.batch_generation, lambda *a, **k: "rollout"),
-                                            lambda *a, **k: "rollout")
+    trl_ppo.batch_generation = sampler.wrap(
+        timed(trl_ppo.batch_generation, lambda *a, **k: "rollout"), lambda *a, **k: "rollout"
+    )
     trl_ppo.get_reward = sampler.wrap(
         timed(trl_ppo.get_reward, lambda m, *a, **k: "score" if m is holder.get("reward") else "value"),
-        lambda m, *a, **k: "score" if m is holder.get("reward") else "forward")
+        lambda m, *a, **k: "score" if m is holder.get("reward") else "forward",
+    )
     trl_ppo.forward = sampler.wrap(
         timed(trl_ppo.forward, lambda *a, **k: None if torch.is_grad_enabled() else "ref_forward"),
-        lambda *a, **k: "optimize" if torch.is_grad_enabled() else "forward")
+        lambda *a, **k: "optimize" if torch.is_grad_enabled() else "forward",
+    )
 
     B, R = spec["batch_size"], spec["response_length"]
     t0 = time.perf_counter()
@@ -267,8 +308,14 @@ def worker_trl(spec: dict, finetune: str) -> dict:
         from peft import LoraConfig
 
         lora = spec["lora"]
-        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                 target_modules=list(lora["target_modules"]), bias="none", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=list(lora["target_modules"]),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
     train_ds = Dataset.from_dict({"input_ids": spec["query_ids"]})
     eval_ds = Dataset.from_dict({"input_ids": spec["query_ids"][:B]})
     with tempfile.TemporaryDirectory(prefix="bench_ppo_trl_") as tmp:
@@ -298,8 +345,17 @@ def worker_trl(spec: dict, finetune: str) -> dict:
             seed=spec["seed"],
             disable_tqdm=False,
         )
-        trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                             train_dataset=train_ds, value_model=value, eval_dataset=eval_ds, peft_config=peft_config)
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tok,
+            model=policy,
+            ref_model=ref,
+            reward_model=reward,
+            train_dataset=train_ds,
+            value_model=value,
+            eval_dataset=eval_ds,
+            peft_config=peft_config,
+        )
         setup_s = time.perf_counter() - t0
         rss_loaded = common.rss_now_mb()
         with sampler:
@@ -348,9 +404,25 @@ def run_worker(args: argparse.Namespace) -> None:
 # =============================================================================== driver
 def launch(side: str, spec_path: Path, result_path: Path, log_path: Path, timeout: float) -> dict:
     python = sys.executable if side == "ours" else str(common.trl_python())
-    cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--spec", str(spec_path), "--result", str(result_path)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        python,
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--spec",
+        str(spec_path),
+        "--result",
+        str(result_path),
+    ]
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("VIRTUAL_ENV", None)
     started = time.perf_counter()
     with open(log_path, "w") as fh:
@@ -371,9 +443,18 @@ def summarize(rows: list[dict], finetune: str) -> dict:
         mine = [r for r in rows if r["side"] == side and r["finetune"] == finetune]
         if not mine:
             return {}
-        s = {k: statistics.mean(r[k] for r in mine) for k in
-             ("episodes_per_second", "train_s", "setup_s", "peak_rss_mb", "rss_preload_mb", "rss_loaded_mb",
-              "peak_minus_preload_mb")}
+        s = {
+            k: statistics.mean(r[k] for r in mine)
+            for k in (
+                "episodes_per_second",
+                "train_s",
+                "setup_s",
+                "peak_rss_mb",
+                "rss_preload_mb",
+                "rss_loaded_mb",
+                "peak_minus_preload_mb",
+            )
+        }
         s["episodes_per_second_runs"] = [round(r["episodes_per_second"], 3) for r in mine]
         s["peak_rss_mb_runs"] = [round(r["peak_rss_mb"], 1) for r in mine]
         split = {k: statistics.mean(r["time_split_s"][k] for r in mine) for k in mine[0]["time_split_s"]}
@@ -383,17 +464,23 @@ def summarize(rows: list[dict], finetune: str) -> dict:
         phases = [k for k in ("setup", "rollout", "score", "forward", "optimize") if k in seen]
         s["rss_peak_by_phase_mb"] = {k: max(r["rss_peak_by_phase_mb"].get(k, 0.0) for r in mine) for k in phases}
         s["rss_peak_by_phase_first_step_mb"] = {
-            k: max(r.get("rss_peak_by_phase_first_step_mb", {}).get(k, 0.0) for r in mine) for k in phases}
+            k: max(r.get("rss_peak_by_phase_first_step_mb", {}).get(k, 0.0) for r in mine) for k in phases
+        }
         s["params"] = mine[0]["params"]
         s["trainable_params"] = mine[0]["trainable_params"]
         out[side] = s
     o, t = out["ours"], out["trl"]
     # Robustness on a busy machine: each repeat's adjacent (ours, TRL) pair as its own ratio,
     # and the ratio of the best runs (least disturbed by other load).
-    pairs = [(a["episodes_per_second"] / b["episodes_per_second"], a["peak_rss_mb"] / b["peak_rss_mb"])
-             for a in rows for b in rows
-             if a["side"] == "ours" and b["side"] == "trl" and a["finetune"] == b["finetune"] == finetune
-             and a["repeat"] == b["repeat"]]
+    pairs = [
+        (a["episodes_per_second"] / b["episodes_per_second"], a["peak_rss_mb"] / b["peak_rss_mb"])
+        for a in rows
+        for b in rows
+        if a["side"] == "ours"
+        and b["side"] == "trl"
+        and a["finetune"] == b["finetune"] == finetune
+        and a["repeat"] == b["repeat"]
+    ]
     out["speed_ratio_per_repeat"] = [round(x, 3) for x, _ in pairs]
     out["memory_ratio_per_repeat"] = [round(y, 3) for _, y in pairs]
     out["speed_ratio_best"] = max(o["episodes_per_second_runs"]) / max(t["episodes_per_second_runs"])
@@ -406,10 +493,14 @@ def summarize(rows: list[dict], finetune: str) -> dict:
 
 
 def print_summary(summary: dict, args: argparse.Namespace) -> None:
-    print(f"\nPPO benchmark: model={args.model} batch={args.batch_size} response_length={args.response_length} "
-          f"mini_batches={args.mini_batches} ppo_epochs={args.ppo_epochs} steps={args.steps} repeats={args.repeats}")
-    head = f"{'setting':<6}{'side':<6}{'episodes/s':>11}{'peak RSS MB':>12}{'pre-load MB':>12}{'peak-pre MB':>12}" \
-           f"{'rollout':>9}{'score':>7}{'train':>7}   runs (ep/s)"
+    print(
+        f"\nPPO benchmark: model={args.model} batch={args.batch_size} response_length={args.response_length} "
+        f"mini_batches={args.mini_batches} ppo_epochs={args.ppo_epochs} steps={args.steps} repeats={args.repeats}"
+    )
+    head = (
+        f"{'setting':<6}{'side':<6}{'episodes/s':>11}{'peak RSS MB':>12}{'pre-load MB':>12}{'peak-pre MB':>12}"
+        f"{'rollout':>9}{'score':>7}{'train':>7}   runs (ep/s)"
+    )
     print(head)
     for finetune in args.finetune:
         s = summary.get(finetune)
@@ -418,20 +509,27 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
         for side in SIDES:
             x = s[side]
             sh = x["time_split_share"]
-            print(f"{finetune:<6}{side:<6}{x['episodes_per_second']:>11.3f}{x['peak_rss_mb']:>12.0f}"
-                  f"{x['rss_preload_mb']:>12.0f}{x['peak_minus_preload_mb']:>12.0f}"
-                  f"{sh['rollout']:>9.0%}{sh['score']:>7.0%}{sh['train']:>7.0%}   {x['episodes_per_second_runs']}")
+            print(
+                f"{finetune:<6}{side:<6}{x['episodes_per_second']:>11.3f}{x['peak_rss_mb']:>12.0f}"
+                f"{x['rss_preload_mb']:>12.0f}{x['peak_minus_preload_mb']:>12.0f}"
+                f"{sh['rollout']:>9.0%}{sh['score']:>7.0%}{sh['train']:>7.0%}   {x['episodes_per_second_runs']}"
+            )
         for side in SIDES:
             first = s[side]["rss_peak_by_phase_first_step_mb"]
-            peaks = ", ".join(f"{k} {first.get(k, 0):.0f}/{v:.0f}" for k, v in s[side]["rss_peak_by_phase_mb"].items()
-                              if k != "setup")
+            peaks = ", ".join(
+                f"{k} {first.get(k, 0):.0f}/{v:.0f}" for k, v in s[side]["rss_peak_by_phase_mb"].items() if k != "setup"
+            )
             print(f"{finetune:<6}{side:<6}RSS MB by phase, first step/all steps: {peaks}")
-        print(f"{finetune:<6}ours/TRL: speed {s['speed_ratio']:.2f}x (target >= {TARGET_SPEED}x: "
-              f"{'met' if s['speed_target_met'] else 'MISSED'}), peak RSS {s['memory_ratio']:.2f}x (target <= "
-              f"{TARGET_MEMORY}x: {'met' if s['memory_target_met'] else 'MISSED'}), "
-              f"above pre-load {s['memory_ratio_above_preload']:.2f}x")
-        print(f"{finetune:<6}speed ratio per repeat {s['speed_ratio_per_repeat']}, best run / best run "
-              f"{s['speed_ratio_best']:.2f}x")
+        print(
+            f"{finetune:<6}ours/TRL: speed {s['speed_ratio']:.2f}x (target >= {TARGET_SPEED}x: "
+            f"{'met' if s['speed_target_met'] else 'MISSED'}), peak RSS {s['memory_ratio']:.2f}x (target <= "
+            f"{TARGET_MEMORY}x: {'met' if s['memory_target_met'] else 'MISSED'}), "
+            f"above pre-load {s['memory_ratio_above_preload']:.2f}x"
+        )
+        print(
+            f"{finetune:<6}speed ratio per repeat {s['speed_ratio_per_repeat']}, best run / best run "
+            f"{s['speed_ratio_best']:.2f}x"
+        )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -449,28 +547,49 @@ def run(args: argparse.Namespace) -> dict:
         for finetune in args.finetune:
             for repeat in range(args.repeats):
                 for side in [x for x in SIDES if x in args.sides]:  # ABAB: ours, TRL, ours, TRL, ...
-                    spec = {**base_spec, "finetune": finetune, "profile": bool(args.profile and side == "ours" and repeat == 0)}
+                    spec = {
+                        **base_spec,
+                        "finetune": finetune,
+                        "profile": bool(args.profile and side == "ours" and repeat == 0),
+                    }
                     spec_path = tmp / f"spec_{finetune}_{side}_{repeat}.json"
                     spec_path.write_text(json.dumps(spec))
                     log_path = logs / f"ppo_{finetune}_{side}_{repeat}.log"
-                    row = launch(side, spec_path, tmp / f"result_{finetune}_{side}_{repeat}.json", log_path, args.timeout)
+                    row = launch(
+                        side, spec_path, tmp / f"result_{finetune}_{side}_{repeat}.json", log_path, args.timeout
+                    )
                     row["repeat"] = repeat
                     rows.append(row)
-                    common.log(f"[{finetune} {side} #{repeat}] {row['episodes_per_second']:.3f} episodes/s, "
-                               f"train {row['train_s']:.1f}s, peak RSS {row['peak_rss_mb']:.0f} MB "
-                               f"(pre-load {row['rss_preload_mb']:.0f} MB)")
+                    common.log(
+                        f"[{finetune} {side} #{repeat}] {row['episodes_per_second']:.3f} episodes/s, "
+                        f"train {row['train_s']:.1f}s, peak RSS {row['peak_rss_mb']:.0f} MB "
+                        f"(pre-load {row['rss_preload_mb']:.0f} MB)"
+                    )
     summary = {finetune: summarize(rows, finetune) for finetune in args.finetune}
     if len(args.sides) == len(SIDES):
         print_summary(summary, args)
     payload = {
         "benchmark": "ppo_vs_trl_1.12",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "settings": {k: getattr(args, k) for k in ("model", "steps", "batch_size", "mini_batches", "ppo_epochs",
-                                                   "response_length", "learning_rate", "kl_coef", "repeats", "finetune")},
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "model",
+                "steps",
+                "batch_size",
+                "mini_batches",
+                "ppo_epochs",
+                "response_length",
+                "learning_rate",
+                "kl_coef",
+                "repeats",
+                "finetune",
+            )
+        },
         "notes": [
             "episodes/s = batch_size * steps / wall time of train() only (no model loading, no venv creation)",
-            "peak RSS = getrusage(RUSAGE_SELF).ru_maxrss of each worker process at its end; pre-load = VmRSS after imports",
-            "TRL with LoRA: the policy gets the adapters (peft_config) and the reference is the policy with adapters off, "
+            "peak RSS = getrusage(RUSAGE_SELF).ru_maxrss of each worker process at its end; pre-load = VmRSS after imports",  # noqa: E501
+            "TRL with LoRA: the policy gets the adapters (peft_config) and the reference is the policy with adapters off, "  # noqa: E501
             "as ours; TRL's value model is a separate full sequence-classification model that trains all its weights "
             "(its design), ours is a value head on the policy backbone",
             "TRL full fine-tuning: separate frozen reference copy, as ours without LoRA",

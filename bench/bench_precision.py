@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = common.compose([f"model={args.model}", "lora=default"])
     folder = model_folder(cfg.model)
     tok = load_tokenizer(folder)
-    model = load_model(folder, "causal_lm", cfg.quantization, cfg.lora, dtype="float32",
-                       device=torch.device("cpu"), tokenizer=tok)
+    model = load_model(
+        folder, "causal_lm", cfg.quantization, cfg.lora, dtype="float32", device=torch.device("cpu"), tokenizer=tok
+    )
     cpu = torch.device("cpu")
     ids = torch.randint(100, 10_000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 
@@ -78,10 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in ("no", "bf16"):
             fn(mode)  # warm-up (oneDNN picks and caches its kernels)
         for r in range(args.repeats):
-            for mode in (("no", "bf16") if r % 2 == 0 else ("bf16", "no")):
-                rows[kind][mode].append(tokens / timed(lambda: fn(mode)))
-        common.log(f"{kind}: fp32 {statistics.median(rows[kind]['no']):.0f} tokens/s, "
-                   f"bf16 {statistics.median(rows[kind]['bf16']):.0f} tokens/s")
+            for mode in ("no", "bf16") if r % 2 == 0 else ("bf16", "no"):
+                rows[kind][mode].append(tokens / timed(lambda fn=fn, mode=mode: fn(mode)))
+        common.log(
+            f"{kind}: fp32 {statistics.median(rows[kind]['no']):.0f} tokens/s, "
+            f"bf16 {statistics.median(rows[kind]['bf16']):.0f} tokens/s"
+        )
     summary = {}
     for kind, by_mode in rows.items():
         ratios = [b / a for a, b in zip(by_mode["no"], by_mode["bf16"])]
@@ -91,11 +94,17 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio": statistics.median(ratios),
             "ratio_per_repeat": ratios,
         }
-        print(f"{kind}: bf16 / fp32 tokens/s = {summary[kind]['ratio']:.2f}x "
-              f"(per repeat {', '.join(f'{x:.2f}' for x in ratios)})")
+        print(
+            f"{kind}: bf16 / fp32 tokens/s = {summary[kind]['ratio']:.2f}x "
+            f"(per repeat {', '.join(f'{x:.2f}' for x in ratios)})"
+        )
     payload = {
         "benchmark": "precision",
-        "model": args.model, "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "lora": "default",
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "repeats": args.repeats,
+        "lora": "default",
         "cpu_has_fast_bf16": precision.cpu_has_fast_bf16(),
         "machine": common.machine_info(),
         "summary": summary,

@@ -76,37 +76,57 @@ def main(argv: list[str] | None = None) -> dict:
     from stackllama.stages.rm import encode_train_pairs, pair_groups, reward_config
     from stackllama.stages.rm_batches import DedupPreferenceCollator, GroupedPairSampler, grouped_reward_trainer
 
-    cfg = common.compose([f"model={args.model}", f"mixed_precision={args.mixed_precision}",
-                          f"rm.batch_size={args.batch}", f"rm.forward_chunk_size={args.chunk}",
-                          "rm.logging_steps=1000", "rm.learning_rate=2e-3"])
+    cfg = common.compose(
+        [
+            f"model={args.model}",
+            f"mixed_precision={args.mixed_precision}",
+            f"rm.batch_size={args.batch}",
+            f"rm.forward_chunk_size={args.chunk}",
+            "rm.logging_steps=1000",
+            "rm.learning_rate=2e-3",
+        ]
+    )
     folder = model_folder(cfg.model)
     tok = load_tokenizer(folder, padding_side="right")
     splits = build_dataset(cfg.data)
-    cols, _, _ = encode_train_pairs(splits.reward, tok, cfg.data.prompt_template, int(cfg.rm.max_length),
-                                    args.pairs, int(cfg.seed), group_by_question=True)
+    cols, _, _ = encode_train_pairs(
+        splits.reward,
+        tok,
+        cfg.data.prompt_template,
+        int(cfg.rm.max_length),
+        args.pairs,
+        int(cfg.seed),
+        group_by_question=True,
+    )
     groups, group_lengths = pair_groups(cols, True)
     train_set = datasets.Dataset.from_dict({k: cols[k] for k in ("chosen_ids", "rejected_ids")})
     cpu = torch.device("cpu")
 
     stream = list(GroupedPairSampler(groups, group_lengths, args.batch, int(cfg.seed)))
-    ours_batches = [stream[i:i + args.batch] for i in range(0, len(stream), args.batch)]
+    ours_batches = [stream[i : i + args.batch] for i in range(0, len(stream), args.batch)]
     order = list(range(len(stream)))
     random.Random(0).shuffle(order)
-    trl_batches = [order[i:i + args.batch] for i in range(0, len(order), args.batch)]
-    counts = {"baseline": token_counts(cols, trl_batches, False, None),
-              "ours": token_counts(cols, ours_batches, True, args.chunk)}
+    trl_batches = [order[i : i + args.batch] for i in range(0, len(order), args.batch)]
+    counts = {
+        "baseline": token_counts(cols, trl_batches, False, None),
+        "ours": token_counts(cols, ours_batches, True, args.chunk),
+    }
 
     def run(side: str) -> float:
-        model = load_model(folder, "seq_cls", cfg.quantization, cfg.rm.lora, dtype="float32", device=cpu,
-                           tokenizer=tok)
+        model = load_model(folder, "seq_cls", cfg.quantization, cfg.rm.lora, dtype="float32", device=cpu, tokenizer=tok)
         with tempfile.TemporaryDirectory() as tmp:
             rc = reward_config(cfg, type("Ctx", (), {"device": cpu})(), Path(tmp), len(train_set))
             if side == "baseline":
                 trainer = RewardTrainer(model=model, args=rc, train_dataset=train_set, processing_class=tok)
             else:
                 cls = grouped_reward_trainer(groups, group_lengths, args.chunk)
-                trainer = cls(model=model, args=rc, train_dataset=train_set, processing_class=tok,
-                              data_collator=DedupPreferenceCollator(tok.pad_token_id))
+                trainer = cls(
+                    model=model,
+                    args=rc,
+                    train_dataset=train_set,
+                    processing_class=tok,
+                    data_collator=DedupPreferenceCollator(tok.pad_token_id),
+                )
             started = time.perf_counter()
             trainer.train()
             wall = time.perf_counter() - started
@@ -115,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rates: dict[str, list[float]] = {"baseline": [], "ours": []}
     for r in range(args.repeats):
-        for side in (("baseline", "ours") if r % 2 == 0 else ("ours", "baseline")):
+        for side in ("baseline", "ours") if r % 2 == 0 else ("ours", "baseline"):
             rates[side].append(run(side))
     ratios = [o / b for o, b in zip(rates["ours"], rates["baseline"])]
     summary = {
@@ -123,17 +143,27 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_pairs_per_second": statistics.median(rates["ours"]),
         "ratio": statistics.median(ratios),
         "ratio_per_repeat": ratios,
-        "tokens_per_epoch": {side: {"real": real, "padded": padded, "padding_fraction": 1 - real / padded}
-                             for side, (real, padded) in counts.items()},
+        "tokens_per_epoch": {
+            side: {"real": real, "padded": padded, "padding_fraction": 1 - real / padded}
+            for side, (real, padded) in counts.items()
+        },
     }
-    print(f"rm training pairs/s: ours {summary['ours_pairs_per_second']:.2f} vs TRL RewardTrainer "
-          f"{summary['baseline_pairs_per_second']:.2f} = {summary['ratio']:.2f}x (per repeat "
-          f"{', '.join(f'{x:.2f}' for x in ratios)}); padded tokens per epoch {counts['ours'][1]} vs "
-          f"{counts['baseline'][1]}")
+    print(
+        f"rm training pairs/s: ours {summary['ours_pairs_per_second']:.2f} vs TRL RewardTrainer "
+        f"{summary['baseline_pairs_per_second']:.2f} = {summary['ratio']:.2f}x (per repeat "
+        f"{', '.join(f'{x:.2f}' for x in ratios)}); padded tokens per epoch {counts['ours'][1]} vs "
+        f"{counts['baseline'][1]}"
+    )
     payload = {
         "benchmark": "rm",
-        "model": args.model, "pairs": len(train_set), "questions": len(groups), "batch": args.batch,
-        "chunk": args.chunk, "mixed_precision": args.mixed_precision, "repeats": args.repeats, "lora": "rm",
+        "model": args.model,
+        "pairs": len(train_set),
+        "questions": len(groups),
+        "batch": args.batch,
+        "chunk": args.chunk,
+        "mixed_precision": args.mixed_precision,
+        "repeats": args.repeats,
+        "lora": "rm",
         "cpu_has_fast_bf16": precision.cpu_has_fast_bf16(),
         "machine": common.machine_info(),
         "summary": summary,

@@ -102,8 +102,14 @@ def summarize(rows: list[dict]) -> dict:
         mine = [r for r in rows if r["mode"] == mode]
         out[mode] = {
             key: statistics.mean(r[key] for r in mine)
-            for key in ("tokens_per_second", "tokens_per_cpu_second", "slots_per_second", "padding_fraction",
-                        "seconds", "real_tokens")
+            for key in (
+                "tokens_per_second",
+                "tokens_per_cpu_second",
+                "slots_per_second",
+                "padding_fraction",
+                "seconds",
+                "real_tokens",
+            )
         }
         out[mode]["tokens_per_second_runs"] = [round(r["tokens_per_second"], 1) for r in mine]
     out["ratio_tokens_per_second"] = out["packed"]["tokens_per_second"] / out["unpacked"]["tokens_per_second"]
@@ -114,17 +120,22 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def print_table(summary: dict, cfg, steps: int, repeats: int) -> None:
-    print(f"\nSFT packing benchmark: model={cfg.model.name} seq_length={cfg.sft.seq_length} "
-          f"batch={cfg.sft.batch_size} steps={steps} repeats={repeats} threads={_threads()}")
-    print(f"{'mode':<10}{'real tok/s':>12}{'tok/cpu-s':>11}{'slots/s':>10}{'padding':>10}{'s/run':>8}"
-          "   runs (tok/s)")
+    print(
+        f"\nSFT packing benchmark: model={cfg.model.name} seq_length={cfg.sft.seq_length} "
+        f"batch={cfg.sft.batch_size} steps={steps} repeats={repeats} threads={_threads()}"
+    )
+    print(f"{'mode':<10}{'real tok/s':>12}{'tok/cpu-s':>11}{'slots/s':>10}{'padding':>10}{'s/run':>8}   runs (tok/s)")
     for mode in MODES:
         s = summary[mode]
-        print(f"{mode:<10}{s['tokens_per_second']:>12.1f}{s['tokens_per_cpu_second']:>11.1f}"
-              f"{s['slots_per_second']:>10.1f}{s['padding_fraction']:>10.3f}{s['seconds']:>8.1f}"
-              f"   {s['tokens_per_second_runs']}")
-    print(f"packed / unpacked real tokens/s: {summary['ratio_tokens_per_second']:.2f}x "
-          f"(per CPU-second: {summary['ratio_tokens_per_cpu_second']:.2f}x)")
+        print(
+            f"{mode:<10}{s['tokens_per_second']:>12.1f}{s['tokens_per_cpu_second']:>11.1f}"
+            f"{s['slots_per_second']:>10.1f}{s['padding_fraction']:>10.3f}{s['seconds']:>8.1f}"
+            f"   {s['tokens_per_second_runs']}"
+        )
+    print(
+        f"packed / unpacked real tokens/s: {summary['ratio_tokens_per_second']:.2f}x "
+        f"(per CPU-second: {summary['ratio_tokens_per_cpu_second']:.2f}x)"
+    )
 
 
 def _threads() -> int:
@@ -150,8 +161,11 @@ def main() -> None:
             row = run_once(cfg, packing, args.steps, train_ds, base_path, tokenizer)
             row["repeat"] = repeat
             rows.append(row)
-            print(f"[{mode} #{repeat}] {row['tokens_per_second']:.1f} real tok/s, "
-                  f"padding {row['padding_fraction']:.3f}, {row['seconds']:.1f}s", flush=True)
+            print(
+                f"[{mode} #{repeat}] {row['tokens_per_second']:.1f} real tok/s, "
+                f"padding {row['padding_fraction']:.3f}, {row['seconds']:.1f}s",
+                flush=True,
+            )
 
     summary = summarize(rows)
     print_table(summary, cfg, args.steps, args.repeats)
@@ -166,8 +180,12 @@ def main() -> None:
         "steps": args.steps,
         "repeats": args.repeats,
         "overrides": args.overrides,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": _threads(), "platform": platform.platform(),
-                    "load_average": os.getloadavg()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": _threads(),
+            "platform": platform.platform(),
+            "load_average": os.getloadavg(),
+        },
         "summary": summary,
         "runs": rows,
     }

@@ -115,6 +115,7 @@ class RssSampler:
 
     def wrap(self, fn, phase_of):
         """``fn`` that first sets the phase to ``phase_of(*args, **kwargs)`` (None: leave it)."""
+
         def wrapper(*args, **kwargs):
             name = phase_of(*args, **kwargs)
             if name:
@@ -122,6 +123,7 @@ class RssSampler:
                     self.cycle += 1
                 self.phase = name
             return fn(*args, **kwargs)
+
         return wrapper
 
 
@@ -172,9 +174,16 @@ def cpu_model() -> str:
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except Exception:  # pragma: no cover - no git
         return "unknown"
@@ -228,9 +237,11 @@ def _trl_venv_ok() -> bool:
     py = trl_python()
     if not py.exists():
         return False
-    probe = ("import importlib.metadata as m, sys; "
-             f"ok = m.version('trl') == '{TRL_VERSION}' and m.version('transformers') == '{TRANSFORMERS_VERSION}'; "
-             "import trl.experimental.ppo; sys.exit(0 if ok else 1)")
+    probe = (
+        "import importlib.metadata as m, sys; "
+        f"ok = m.version('trl') == '{TRL_VERSION}' and m.version('transformers') == '{TRANSFORMERS_VERSION}'; "
+        "import trl.experimental.ppo; sys.exit(0 if ok else 1)"
+    )
     return subprocess.run([str(py), "-c", probe], capture_output=True, timeout=300).returncode == 0
 
 
@@ -254,10 +265,25 @@ def ensure_trl_venv(rebuild: bool = False) -> Path:
     cpu_pin = [f"torch=={TORCH_VERSION}+cpu"]
     if subprocess.run(pip + cpu_pin).returncode != 0:
         log(f"no torch=={TORCH_VERSION}+cpu wheel found; trying the CPU index")
-        if subprocess.run(pip + [f"torch=={TORCH_VERSION}", "--index-url", "https://download.pytorch.org/whl/cpu"]).returncode != 0:
+        if (
+            subprocess.run(
+                pip + [f"torch=={TORCH_VERSION}", "--index-url", "https://download.pytorch.org/whl/cpu"]
+            ).returncode
+            != 0
+        ):
             subprocess.run(pip + [f"torch=={TORCH_VERSION}"], check=True)
-    subprocess.run(pip + [f"trl=={TRL_VERSION}", f"transformers=={TRANSFORMERS_VERSION}", "peft", "accelerate",
-                          "datasets", f"torch=={TORCH_VERSION}"], check=True)
+    subprocess.run(
+        pip
+        + [
+            f"trl=={TRL_VERSION}",
+            f"transformers=={TRANSFORMERS_VERSION}",
+            "peft",
+            "accelerate",
+            "datasets",
+            f"torch=={TORCH_VERSION}",
+        ],
+        check=True,
+    )
     if not _trl_venv_ok():
         raise RuntimeError(f"{TRL_VENV} was created but does not import trl.experimental.ppo at trl=={TRL_VERSION}")
     return trl_python()

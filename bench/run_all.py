@@ -46,10 +46,34 @@ def plan(quick: bool, large: bool = False) -> dict[str, list[list[str]]]:
         return {
             "ppo": [[py, str(b / "bench_ppo.py"), "--steps", "2", "--repeats", "1", "--finetune", "lora", "full"]],
             "generation": [
-                [py, str(b / "bench_generation.py"), "--model", "tiny", "--prompts", "16", "--repeats", "2",
-                 "--output", str(R / "generation_tiny.json")],
-                [py, str(b / "bench_generation.py"), "--model", "smollm2-135m", "--prompts", "4", "--repeats", "2",
-                 "--min-new-tokens", "16", "--max-new-tokens", "17", "--output", str(R / "generation_smollm2-135m.json")],
+                [
+                    py,
+                    str(b / "bench_generation.py"),
+                    "--model",
+                    "tiny",
+                    "--prompts",
+                    "16",
+                    "--repeats",
+                    "2",
+                    "--output",
+                    str(R / "generation_tiny.json"),
+                ],
+                [
+                    py,
+                    str(b / "bench_generation.py"),
+                    "--model",
+                    "smollm2-135m",
+                    "--prompts",
+                    "4",
+                    "--repeats",
+                    "2",
+                    "--min-new-tokens",
+                    "16",
+                    "--max-new-tokens",
+                    "17",
+                    "--output",
+                    str(R / "generation_smollm2-135m.json"),
+                ],
             ],
             "sft": [[py, str(b / "bench_sft.py"), "--steps", "2", "--repeats", "1"]],
             "hardware": [hardware],
@@ -60,10 +84,30 @@ def plan(quick: bool, large: bool = False) -> dict[str, list[list[str]]]:
     return {
         "ppo": [[py, str(b / "bench_ppo.py"), "--steps", "4", "--repeats", "2", "--finetune", "lora", "full"]],
         "generation": [
-            [py, str(b / "bench_generation.py"), "--model", "tiny", "--prompts", "16", "--repeats", "3",
-             "--output", str(R / "generation_tiny.json")],
-            [py, str(b / "bench_generation.py"), "--model", "smollm2-135m", "--prompts", "8", "--repeats", "2",
-             "--output", str(R / "generation_smollm2-135m.json")],
+            [
+                py,
+                str(b / "bench_generation.py"),
+                "--model",
+                "tiny",
+                "--prompts",
+                "16",
+                "--repeats",
+                "3",
+                "--output",
+                str(R / "generation_tiny.json"),
+            ],
+            [
+                py,
+                str(b / "bench_generation.py"),
+                "--model",
+                "smollm2-135m",
+                "--prompts",
+                "8",
+                "--repeats",
+                "2",
+                "--output",
+                str(R / "generation_smollm2-135m.json"),
+            ],
         ],
         "sft": [[py, str(b / "bench_sft.py"), "--steps", "3", "--repeats", "2"]],
         "hardware": [hardware],
@@ -107,8 +151,13 @@ def build_table(results: dict) -> str:
     lines = [
         f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads), "
         f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']} (baseline trl {m['trl_baseline']}), "
-        f"commit `{m['git_commit'][:12]}`, {results['created']}" + (" (quick mode)" if results.get("quick") else "")
-        + (" (rebuilt from the JSONs present: each row's settings say how it ran)" if results.get("quick") is None else ""),
+        f"commit `{m['git_commit'][:12]}`, {results['created']}"
+        + (" (quick mode)" if results.get("quick") else "")
+        + (
+            " (rebuilt from the JSONs present: each row's settings say how it ran)"
+            if results.get("quick") is None
+            else ""
+        ),
         "",
         "| Benchmark | Ours | Baseline | Ratio (ours / baseline) | Target | Setting |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -116,91 +165,117 @@ def build_table(results: dict) -> str:
     ppo = results.get("ppo")
     if ppo:
         st = ppo["settings"]
-        setting = (f"{st['model']}, batch {st['batch_size']}, {st['response_length']} tokens, "
-                   f"{st['ppo_epochs']} epochs x {st['mini_batches']} mini-batches, {st['steps']} steps x {st['repeats']}")
+        setting = (
+            f"{st['model']}, batch {st['batch_size']}, {st['response_length']} tokens, "
+            f"{st['ppo_epochs']} epochs x {st['mini_batches']} mini-batches, {st['steps']} steps x {st['repeats']}"
+        )
         for ft, s in ppo["summary"].items():
             if not s:
                 continue
             o, t = s["ours"], s["trl"]
             label = "LoRA" if ft == "lora" else "full fine-tuning"
-            lines.append(f"| PPO episodes/s, {label} | {o['episodes_per_second']:.3f} | TRL 1.12 PPOTrainer "
-                         f"{t['episodes_per_second']:.3f} | **{s['speed_ratio']:.2f}x** (per repeat "
-                         f"{', '.join(f'{x:.2f}' for x in s.get('speed_ratio_per_repeat', []))}) | >= 1.5x "
-                         f"({'met' if s['speed_target_met'] else 'missed'}) | {setting} |")
-            lines.append(f"| PPO peak RSS, {label} | {o['peak_rss_mb']:.0f} MB | {t['peak_rss_mb']:.0f} MB | "
-                         f"**{s['memory_ratio']:.2f}x** (above pre-load: {s['memory_ratio_above_preload']:.2f}x) | "
-                         f"<= 0.6x ({'met' if s['memory_target_met'] else 'missed'}) | per process, ru_maxrss |")
+            lines.append(
+                f"| PPO episodes/s, {label} | {o['episodes_per_second']:.3f} | TRL 1.12 PPOTrainer "
+                f"{t['episodes_per_second']:.3f} | **{s['speed_ratio']:.2f}x** (per repeat "
+                f"{', '.join(f'{x:.2f}' for x in s.get('speed_ratio_per_repeat', []))}) | >= 1.5x "
+                f"({'met' if s['speed_target_met'] else 'missed'}) | {setting} |"
+            )
+            lines.append(
+                f"| PPO peak RSS, {label} | {o['peak_rss_mb']:.0f} MB | {t['peak_rss_mb']:.0f} MB | "
+                f"**{s['memory_ratio']:.2f}x** (above pre-load: {s['memory_ratio_above_preload']:.2f}x) | "
+                f"<= 0.6x ({'met' if s['memory_target_met'] else 'missed'}) | per process, ru_maxrss |"
+            )
             sh = o["time_split_share"]
-            lines.append(f"| PPO time split (ours), {label} | rollout {sh['rollout']:.0%}, scoring {sh['score']:.0%}, "
-                         f"training {sh['train']:.0%} | TRL: rollout {t['time_split_share']['rollout']:.0%}, scoring "
-                         f"{t['time_split_share']['score']:.0%}, training {t['time_split_share']['train']:.0%} | | | "
-                         f"share of train() wall time |")
+            lines.append(
+                f"| PPO time split (ours), {label} | rollout {sh['rollout']:.0%}, scoring {sh['score']:.0%}, "
+                f"training {sh['train']:.0%} | TRL: rollout {t['time_split_share']['rollout']:.0%}, scoring "
+                f"{t['time_split_share']['score']:.0%}, training {t['time_split_share']['train']:.0%} | | | "
+                f"share of train() wall time |"
+            )
     for key, label in (("generation_tiny", "tiny"), ("generation_smollm2-135m", "SmolLM2-135M")):
         g = results.get(key)
         if g:
             s = g["summary"]
-            lines.append(f"| Rollout tokens/s, {label} | batched {s['batched']['tokens_per_second']:.1f} | one-by-one "
-                         f"{s['naive']['tokens_per_second']:.1f} | **{s['ratio_tokens_per_second']:.2f}x** (per repeat "
-                         f"{', '.join(f'{x:.2f}' for x in s.get('ratio_per_repeat', []))}) | | "
-                         f"{g['prompts']} prompts, {min(g['lengths'])}-{max(g['lengths'])} new tokens, "
-                         f"LoRA {'on' if g['lora'] else 'off'} |")
+            lines.append(
+                f"| Rollout tokens/s, {label} | batched {s['batched']['tokens_per_second']:.1f} | one-by-one "
+                f"{s['naive']['tokens_per_second']:.1f} | **{s['ratio_tokens_per_second']:.2f}x** (per repeat "
+                f"{', '.join(f'{x:.2f}' for x in s.get('ratio_per_repeat', []))}) | | "
+                f"{g['prompts']} prompts, {min(g['lengths'])}-{max(g['lengths'])} new tokens, "
+                f"LoRA {'on' if g['lora'] else 'off'} |"
+            )
     sft = results.get("sft")
     if sft:
         s = sft["summary"]
-        lines.append(f"| SFT real tokens/s, packing | {s['packed']['tokens_per_second']:.1f} | no packing "
-                     f"{s['unpacked']['tokens_per_second']:.1f} (padding {s['unpacked']['padding_fraction']:.0%}) | "
-                     f"**{s['ratio_tokens_per_second']:.2f}x** | | {sft['model']}, LoRA, seq {sft['seq_length']}, "
-                     f"batch {sft['batch_size']}, {sft['steps']} steps x {sft['repeats']} |")
+        lines.append(
+            f"| SFT real tokens/s, packing | {s['packed']['tokens_per_second']:.1f} | no packing "
+            f"{s['unpacked']['tokens_per_second']:.1f} (padding {s['unpacked']['padding_fraction']:.0%}) | "
+            f"**{s['ratio_tokens_per_second']:.2f}x** | | {sft['model']}, LoRA, seq {sft['seq_length']}, "
+            f"batch {sft['batch_size']}, {sft['steps']} steps x {sft['repeats']} |"
+        )
     hw = results.get("hardware")
     if hw:
         peak = hw["matmul_peak"]
         mfu = hw["sft_mfu"]
-        lines.append(f"| SFT MFU (6N, packed) | {mfu['packed']['mfu_6n']:.1%} | fp32 matmul peak "
-                     f"{peak['tflops'] * 1e3:.0f} GFLOP/s | | | {mfu['model']} {mfu['params'] / 1e6:.0f}M params, "
-                     f"{mfu['packed']['tokens_per_second']:.0f} tokens/s; LoRA does ~4N: "
-                     f"{mfu['packed']['hfu_4n_lora']:.1%} |")
+        lines.append(
+            f"| SFT MFU (6N, packed) | {mfu['packed']['mfu_6n']:.1%} | fp32 matmul peak "
+            f"{peak['tflops'] * 1e3:.0f} GFLOP/s | | | {mfu['model']} {mfu['params'] / 1e6:.0f}M params, "
+            f"{mfu['packed']['tokens_per_second']:.0f} tokens/s; LoRA does ~4N: "
+            f"{mfu['packed']['hfu_4n_lora']:.1%} |"
+        )
         for run in hw["memory"]["runs"]:
             lo, hi = hw["memory"]["rule_of_thumb_gb_per_b"]
-            lines.append(f"| SFT memory per B params, int8 + LoRA, {run['name']} | {run['gb_per_b_params']:.2f} GB | "
-                         f"article's rule of thumb {lo}-{hi} GB | {run['gb_per_b_params'] / hi:.2f}x of {hi} | | "
-                         f"peak RSS - pre-load RSS = {run['peak_minus_preload_mb']:.0f} MB (weights alone, malloc_trim-ed: "
-                         f"{run['gb_per_b_params_weights_only']:.2f} GB/B); anonymous memory only (RSS minus mapped "
-                         f"files): {fmt(run.get('gb_per_b_params_anon'))} GB/B, weights "
-                         f"{fmt(run.get('gb_per_b_params_weights_only_anon'))} GB/B; seq {run['seq_length']} x batch "
-                         f"{run['batch_size']}, CPU |")
+            lines.append(
+                f"| SFT memory per B params, int8 + LoRA, {run['name']} | {run['gb_per_b_params']:.2f} GB | "
+                f"article's rule of thumb {lo}-{hi} GB | {run['gb_per_b_params'] / hi:.2f}x of {hi} | | "
+                f"peak RSS - pre-load RSS = {run['peak_minus_preload_mb']:.0f} MB (weights alone, malloc_trim-ed: "
+                f"{run['gb_per_b_params_weights_only']:.2f} GB/B); anonymous memory only (RSS minus mapped "
+                f"files): {fmt(run.get('gb_per_b_params_anon'))} GB/B, weights "
+                f"{fmt(run.get('gb_per_b_params_weights_only_anon'))} GB/B; seq {run['seq_length']} x batch "
+                f"{run['batch_size']}, CPU |"
+            )
     prec = results.get("precision")
     if prec:
         for kind, label in (("train", "LoRA train step (fwd+bwd)"), ("forward", "forward (no grad)")):
             p = prec["summary"][kind]
-            lines.append(f"| bf16 autocast tokens/s, {label} | {p['bf16_tokens_per_second']:.0f} | fp32 "
-                         f"{p['fp32_tokens_per_second']:.0f} | **{p['ratio']:.2f}x** (per repeat "
-                         f"{', '.join(f'{x:.2f}' for x in p['ratio_per_repeat'])}) | | {prec['model']}, batch "
-                         f"{prec['batch']} x {prec['seq']} tokens, CPU bf16 instructions: "
-                         f"{'yes' if prec['cpu_has_fast_bf16'] else 'no'} |")
+            lines.append(
+                f"| bf16 autocast tokens/s, {label} | {p['bf16_tokens_per_second']:.0f} | fp32 "
+                f"{p['fp32_tokens_per_second']:.0f} | **{p['ratio']:.2f}x** (per repeat "
+                f"{', '.join(f'{x:.2f}' for x in p['ratio_per_repeat'])}) | | {prec['model']}, batch "
+                f"{prec['batch']} x {prec['seq']} tokens, CPU bf16 instructions: "
+                f"{'yes' if prec['cpu_has_fast_bf16'] else 'no'} |"
+            )
     rm = results.get("rm")
     if rm:
         s = rm["summary"]
         tok = s["tokens_per_epoch"]
-        lines.append(f"| RM training pairs/s, grouped + deduplicated batches | {s['ours_pairs_per_second']:.2f} | "
-                     f"TRL RewardTrainer {s['baseline_pairs_per_second']:.2f} | **{s['ratio']:.2f}x** (per repeat "
-                     f"{', '.join(f'{x:.2f}' for x in s['ratio_per_repeat'])}) | | {rm['model']} + LoRA (rm), "
-                     f"{rm['pairs']} pairs of {rm['questions']} questions, batch {rm['batch']} pairs, chunks of "
-                     f"{rm['chunk']}, {rm['mixed_precision']}; tokens forwarded per epoch (padded) "
-                     f"{tok['ours']['padded']} vs {tok['baseline']['padded']} |")
+        lines.append(
+            f"| RM training pairs/s, grouped + deduplicated batches | {s['ours_pairs_per_second']:.2f} | "
+            f"TRL RewardTrainer {s['baseline_pairs_per_second']:.2f} | **{s['ratio']:.2f}x** (per repeat "
+            f"{', '.join(f'{x:.2f}' for x in s['ratio_per_repeat'])}) | | {rm['model']} + LoRA (rm), "
+            f"{rm['pairs']} pairs of {rm['questions']} questions, batch {rm['batch']} pairs, chunks of "
+            f"{rm['chunk']}, {rm['mixed_precision']}; tokens forwarded per epoch (padded) "
+            f"{tok['ours']['padded']} vs {tok['baseline']['padded']} |"
+        )
     pipe = results.get("pipeline")
     if pipe:
-        stages = ", ".join(f"{k.split('/')[-1].removesuffix('_s')} {v:.0f}s" for k, v in pipe["stage_times_s"].items()
-                           if isinstance(v, (int, float)) and k.startswith("time/stage/") and not k.endswith("_build_s"))
+        stages = ", ".join(
+            f"{k.split('/')[-1].removesuffix('_s')} {v:.0f}s"
+            for k, v in pipe["stage_times_s"].items()
+            if isinstance(v, (int, float)) and k.startswith("time/stage/") and not k.endswith("_build_s")
+        )
         extra = pipe["command"].split("logger=none", 1)[-1].strip()
         head = pipe.get("headline_metrics", {})
         outcome = ""
         if "eval/win_rate_vs_sft" in head:
             outcome = f"; eval win rate vs SFT {head['eval/win_rate_vs_sft']:.3f}" + (
-                f" (gold {head['eval/gold_win_rate_vs_sft']:.3f})" if "eval/gold_win_rate_vs_sft" in head else "")
+                f" (gold {head['eval/gold_win_rate_vs_sft']:.3f})" if "eval/gold_win_rate_vs_sft" in head else ""
+            )
         met = "met" if pipe["wall_s"] < 15 * 60 else "missed"
-        lines.append(f"| Pipeline wall time, stage=all | {pipe['wall_s'] / 60:.1f} min | | | < 15 min ({met}) | "
-                     f"{'embedded default' if not extra else 'overrides: ' + extra}, fresh artifacts dir and empty "
-                     f"cache; {stages}{outcome} |")
+        lines.append(
+            f"| Pipeline wall time, stage=all | {pipe['wall_s'] / 60:.1f} min | | | < 15 min ({met}) | "
+            f"{'embedded default' if not extra else 'overrides: ' + extra}, fresh artifacts dir and empty "
+            f"cache; {stages}{outcome} |"
+        )
     elif results.get("pipeline_skipped"):
         lines.append("| Pipeline wall time, stage=all | not run (use --pipeline) | | | | |")
     return "\n".join(lines) + "\n"
@@ -213,9 +288,17 @@ def collect(quick: bool, steps: dict) -> dict:
         "machine": {**common.machine_info(), "load_average_at_end": common.load_average()},
         "steps": steps,
     }
-    for key, fname in (("ppo", "ppo.json"), ("generation_tiny", "generation_tiny.json"),
-                       ("generation_smollm2-135m", "generation_smollm2-135m.json"), ("sft", "sft.json"),
-                       ("hardware", "hardware.json"), ("precision", "precision.json"), ("rm", "rm.json"), ("pipeline", "pipeline.json"), ("hardware_gpu", "hardware_gpu.json")):
+    for key, fname in (
+        ("ppo", "ppo.json"),
+        ("generation_tiny", "generation_tiny.json"),
+        ("generation_smollm2-135m", "generation_smollm2-135m.json"),
+        ("sft", "sft.json"),
+        ("hardware", "hardware.json"),
+        ("precision", "precision.json"),
+        ("rm", "rm.json"),
+        ("pipeline", "pipeline.json"),
+        ("hardware_gpu", "hardware_gpu.json"),
+    ):
         data = load(fname)
         if data is not None:
             results[key] = data

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
+
 def _keyed(node: dict[str, Any], drop: dict[str, Any]) -> dict[str, Any]:
     for name, sub in drop.items():
         if sub is True:
@@ -165,7 +166,8 @@ def _first_non_finite(named: Any, path: Path, stage: str) -> int:
             raise NonFiniteWeights(
                 f"refusing to publish the {stage} artifact: {path.name} tensor {name!r} holds {bad} NaN/inf "
                 f"values of {tensor.numel()} (training diverged; lower the stage's learning rate). Nothing was "
-                f"published; the build folder is {path.parent}")
+                f"published; the build folder is {path.parent}"
+            )
     return n
 
 
@@ -246,8 +248,12 @@ def ensure(stage: str, cfg: Any, ctx: Any, build: BuildFn) -> tuple[Path, dict[s
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         started = time.time()
-        log.info("Building %s artifact %s%s", stage, final,
-                 f" (rank {dist.rank} of {dist.world_size})" if dist.is_distributed else "")
+        log.info(
+            "Building %s artifact %s%s",
+            stage,
+            final,
+            f" (rank {dist.rank} of {dist.world_size})" if dist.is_distributed else "",
+        )
         with seeded_rng(int(cfg.seed)):
             metrics = build(cfg, ctx, work, out)
 

@@ -72,8 +72,9 @@ class Range:
         return text + (f" ({self.hint})" if self.hint else "")
 
 
-def in_range(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False,
-             also: tuple = (), hint: str = "") -> dict[str, Range]:
+def in_range(
+    lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False, also: tuple = (), hint: str = ""
+) -> dict[str, Range]:
     """Field metadata: ``lo <= value <= hi`` (either end open or None for unbounded)."""
     return {"range": Range(lo, hi, lo_open, hi_open, tuple(also), hint)}
 
@@ -155,9 +156,12 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # defaults to name_or_path (tiny: the SmolLM2 tokenizer)
     gguf_package: Optional[str] = None  # Python package shipping a GGUF copy
     gguf_file: Optional[str] = None
-    gguf_source: Optional[str] = field(default=None, metadata=not_in_key())  # the hub id that GGUF is a copy of: used for that name only
-    cache_dir: str = field(default="${oc.env:STACKLLAMA_CACHE,${oc.env:HOME}/.cache/stackllama}/models",
-                           metadata=not_in_key())
+    gguf_source: Optional[str] = field(
+        default=None, metadata=not_in_key()
+    )  # the hub id that GGUF is a copy of: used for that name only
+    cache_dir: str = field(
+        default="${oc.env:STACKLLAMA_CACHE,${oc.env:HOME}/.cache/stackllama}/models", metadata=not_in_key()
+    )
     dtype: str = "float32"  # float32 | bfloat16 | float16: weights of the unquantized parts
     # seconds to wait for the hub before treating it as offline
     hub_timeout: float = field(default=3.0, metadata=not_in_key(positive()))
@@ -260,7 +264,9 @@ class SFTConfig:
     gradient_checkpointing: bool = False
     num_sample_generations: int = field(default=4, metadata=not_in_key(non_negative()))
     sample_max_new_tokens: int = field(default=64, metadata=not_in_key(at_least(1)))
-    resume: bool = field(default=True, metadata=not_in_key())  # continue from the last checkpoint in output_dir when present
+    resume: bool = field(
+        default=True, metadata=not_in_key()
+    )  # continue from the last checkpoint in output_dir when present
     max_train_texts: Optional[int] = field(default=None, metadata=at_least(1))  # cap on training texts (quick runs)
 
 
@@ -497,8 +503,10 @@ def validate_choices(cfg: Any) -> None:
     if cfg.ppo.batch_size % cfg.ppo.mini_batch_size:
         raise ValueError("ppo.batch_size must be a multiple of ppo.mini_batch_size")
     if cfg.ppo.mixed_precision not in (None, *MIXED_PRECISION):
-        raise ValueError(f"ppo.mixed_precision={cfg.ppo.mixed_precision!r} is not valid; choose one of: "
-                         f"null (the run-wide mixed_precision), {', '.join(MIXED_PRECISION)}")
+        raise ValueError(
+            f"ppo.mixed_precision={cfg.ppo.mixed_precision!r} is not valid; choose one of: "
+            f"null (the run-wide mixed_precision), {', '.join(MIXED_PRECISION)}"
+        )
     if cfg.ppo.head_chunk_size < 1:
         raise ValueError(f"ppo.head_chunk_size must be >= 1, got {cfg.ppo.head_chunk_size}")
 
@@ -528,8 +536,10 @@ def _schema_problems(node: Any, schema: type, prefix: str, bad: set[str]) -> lis
             continue
         # Hydra's +key= adds a key even to a typed (struct) node: catch it here, by the schema.
         close = difflib.get_close_matches(str(key), names, n=1)
-        problems.append(f"{prefix}{key} is not a setting of {where} (drop the +override); "
-                        + (f"did you mean {prefix}{close[0]}?" if close else f"its settings: {', '.join(names)}"))
+        problems.append(
+            f"{prefix}{key} is not a setting of {where} (drop the +override); "
+            + (f"did you mean {prefix}{close[0]}?" if close else f"its settings: {', '.join(names)}")
+        )
         bad.add(f"{prefix}{key}")
     for f in fields(schema):
         key = prefix + f.name
@@ -564,39 +574,55 @@ def _cross_field_problems(cfg: Any, bad: set[str]) -> list[str]:
     if ok(*(f"data.splits.{n}" for n in names)):
         total = sum(float(fracs[n]) for n in names)
         if abs(total - 1.0) > 1e-6:
-            problems.append(f"data.splits must sum to 1, got {total:.4g} "
-                            f"({' + '.join(f'{n}={fracs[n]}' for n in names)})")
+            problems.append(
+                f"data.splits must sum to 1, got {total:.4g} ({' + '.join(f'{n}={fracs[n]}' for n in names)})"
+            )
     ppo = cfg.ppo
     if ok("ppo.min_new_tokens", "ppo.max_new_tokens") and ppo.min_new_tokens >= ppo.max_new_tokens:
-        problems.append(f"ppo.min_new_tokens={ppo.min_new_tokens} must be < ppo.max_new_tokens={ppo.max_new_tokens} "
-                        "(response lengths are drawn from [min, max))")
+        problems.append(
+            f"ppo.min_new_tokens={ppo.min_new_tokens} must be < ppo.max_new_tokens={ppo.max_new_tokens} "
+            "(response lengths are drawn from [min, max))"
+        )
     if ok("ppo.batch_size", "ppo.mini_batch_size") and ppo.batch_size % ppo.mini_batch_size:
-        problems.append(f"ppo.batch_size={ppo.batch_size} must be a multiple of ppo.mini_batch_size="
-                        f"{ppo.mini_batch_size}")
-    if ok("ppo.mini_batch_size", "ppo.gradient_accumulation_steps") and \
-            ppo.mini_batch_size % ppo.gradient_accumulation_steps:
-        problems.append(f"ppo.mini_batch_size={ppo.mini_batch_size} must be a multiple of "
-                        f"ppo.gradient_accumulation_steps={ppo.gradient_accumulation_steps} "
-                        "(each mini-batch is split into that many micro-batches)")
+        problems.append(
+            f"ppo.batch_size={ppo.batch_size} must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}"
+        )
+    if (
+        ok("ppo.mini_batch_size", "ppo.gradient_accumulation_steps")
+        and ppo.mini_batch_size % ppo.gradient_accumulation_steps
+    ):
+        problems.append(
+            f"ppo.mini_batch_size={ppo.mini_batch_size} must be a multiple of "
+            f"ppo.gradient_accumulation_steps={ppo.gradient_accumulation_steps} "
+            "(each mini-batch is split into that many micro-batches)"
+        )
     syn = cfg.data.synthetic
     if ok("data.synthetic.min_answers", "data.synthetic.max_answers") and syn.min_answers > syn.max_answers:
-        problems.append(f"data.synthetic.min_answers={syn.min_answers} must be <= data.synthetic.max_answers="
-                        f"{syn.max_answers}")
+        problems.append(
+            f"data.synthetic.min_answers={syn.min_answers} must be <= data.synthetic.max_answers={syn.max_answers}"
+        )
     data = cfg.data
     if data.source == "stackexchange_dump" and not data.path:
         problems.append("data.source=stackexchange_dump needs data.path=<a site folder or its Posts.xml>")
     if data.source in ("h4_preferences", "paired") and not data.path and not data.hub_id:
-        problems.append(f"data.source={data.source} needs data.path=<a local .jsonl/.json/.parquet copy> "
-                        "(or data.hub_id= with the hub reachable)")
+        problems.append(
+            f"data.source={data.source} needs data.path=<a local .jsonl/.json/.parquet copy> "
+            "(or data.hub_id= with the hub reachable)"
+        )
     tiny = cfg.model.tiny
-    if cfg.model.name_or_path == "tiny" and ok("model.tiny.hidden_size", "model.tiny.num_attention_heads",
-                                                 "model.tiny.num_key_value_heads"):
+    if cfg.model.name_or_path == "tiny" and ok(
+        "model.tiny.hidden_size", "model.tiny.num_attention_heads", "model.tiny.num_key_value_heads"
+    ):
         if tiny.hidden_size % tiny.num_attention_heads:
-            problems.append(f"model.tiny.hidden_size={tiny.hidden_size} must be a multiple of "
-                            f"model.tiny.num_attention_heads={tiny.num_attention_heads}")
+            problems.append(
+                f"model.tiny.hidden_size={tiny.hidden_size} must be a multiple of "
+                f"model.tiny.num_attention_heads={tiny.num_attention_heads}"
+            )
         elif tiny.num_attention_heads % tiny.num_key_value_heads:
-            problems.append(f"model.tiny.num_attention_heads={tiny.num_attention_heads} must be a multiple of "
-                            f"model.tiny.num_key_value_heads={tiny.num_key_value_heads}")
+            problems.append(
+                f"model.tiny.num_attention_heads={tiny.num_attention_heads} must be a multiple of "
+                f"model.tiny.num_key_value_heads={tiny.num_key_value_heads}"
+            )
     return problems
 
 

@@ -120,8 +120,9 @@ def _from_submitit(environ: Mapping[str, str]) -> DistEnv | None:
     # the local executor's tasks all run on this machine: loopback, whatever the hostname resolves to
     hosts = ["127.0.0.1"] if executor == "local" else list(job.hostnames)
     local_world = max(job.num_tasks // max(job.num_nodes, 1), 1)
-    return _make(job.global_rank, job.local_rank, job.num_tasks, local_world, hosts, str(job.job_id), environ,
-                 "submitit")
+    return _make(
+        job.global_rank, job.local_rank, job.num_tasks, local_world, hosts, str(job.job_id), environ, "submitit"
+    )
 
 
 def _from_slurm(environ: Mapping[str, str]) -> DistEnv | None:
@@ -207,9 +208,16 @@ def setup(device: str = "auto", stage: str | None = None) -> DistEnv:
 
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         state = PartialState(cpu=cpu)
-        log.info("Joined process group: rank %d/%d (local %d) via %s, backend %s, master %s:%s",
-                 env.rank, env.world_size, env.local_rank, env.source, state.backend,
-                 env.master_addr, os.environ.get("MASTER_PORT"))
+        log.info(
+            "Joined process group: rank %d/%d (local %d) via %s, backend %s, master %s:%s",
+            env.rank,
+            env.world_size,
+            env.local_rank,
+            env.source,
+            state.backend,
+            env.master_addr,
+            os.environ.get("MASTER_PORT"),
+        )
     return current()
 
 
@@ -248,7 +256,6 @@ def all_reduce_sum(value: float | int) -> float | int:
         return value
     import torch
     import torch.distributed as dist
-
     from accelerate import PartialState
 
     device = PartialState().device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -394,14 +401,32 @@ def trained_model_on_main(trainer: Any, rebuild: Callable[[], Any]) -> Any:
     loaded = {own[k].data_ptr() for k in state if k in own}
     untied_missing = [k for k in own if k not in state and own[k].data_ptr() not in loaded]  # tied ones follow
     if unexpected or untied_missing:
-        raise RuntimeError(f"ZeRO-3 state dict does not fit the rebuilt model: missing {untied_missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"ZeRO-3 state dict does not fit the rebuilt model: missing {untied_missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
     return model
 
 
 __all__ = [
-    "DistEnv", "MULTI_PROCESS_STAGES", "detect", "export", "setup", "current", "is_main", "barrier",
-    "all_reduce_sum", "all_reduce_mean", "gather_objects", "mean_over_ranks", "broadcast_parameters",
-    "average_gradients", "on_main", "parse_nodelist", "port_for", "zero3_enabled", "trained_model_on_main",
+    "DistEnv",
+    "MULTI_PROCESS_STAGES",
+    "detect",
+    "export",
+    "setup",
+    "current",
+    "is_main",
+    "barrier",
+    "all_reduce_sum",
+    "all_reduce_mean",
+    "gather_objects",
+    "mean_over_ranks",
+    "broadcast_parameters",
+    "average_gradients",
+    "on_main",
+    "parse_nodelist",
+    "port_for",
+    "zero3_enabled",
+    "trained_model_on_main",
 ]

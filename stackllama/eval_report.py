@@ -28,8 +28,16 @@ FIG_DIR = "figures"
 HEADLINES = {
     "sft": ("eval/perplexity", "eval/perplexity_before", "train/loss", "train/steps"),
     "rm": ("eval/accuracy", "eval/accuracy_before", "eval/gold_accuracy", "eval/margin", "train/steps"),
-    "ppo": ("ppo/steps", "ppo/reward_mean_start", "ppo/reward_mean_end", "gold/score_start", "gold/score_end",
-            "objective/kl_end", "objective/kl_coef_end", "hack/frac_hacking_end"),
+    "ppo": (
+        "ppo/steps",
+        "ppo/reward_mean_start",
+        "ppo/reward_mean_end",
+        "gold/score_start",
+        "gold/score_end",
+        "objective/kl_end",
+        "objective/kl_coef_end",
+        "hack/frac_hacking_end",
+    ),
 }
 COLORS = {"sft": "#1f77b4", "ppo": "#d62728", "gold": "#2ca02c", "coef": "#7f7f7f"}
 
@@ -144,8 +152,15 @@ def plot_reward(history: Sequence[Mapping[str, Any]], path: Path) -> Path | None
     if len(std) == len(ys):
         w = _window(len(ys))
         mid, spread = smooth(ys, w), smooth(std, w)  # the band follows the drawn (smoothed) line
-        ax.fill_between(xs, [y - s for y, s in zip(mid, spread)], [y + s for y, s in zip(mid, spread)],
-                        color=COLORS["ppo"], alpha=0.12, linewidth=0, label="reward ± 1 std (batch)")
+        ax.fill_between(
+            xs,
+            [y - s for y, s in zip(mid, spread)],
+            [y + s for y, s in zip(mid, spread)],
+            color=COLORS["ppo"],
+            alpha=0.12,
+            linewidth=0,
+            label="reward ± 1 std (batch)",
+        )
     _line(ax, xs, ys, COLORS["ppo"], "reward-model score (mean)")
     ax.set_xlabel("PPO step")
     ax.set_ylabel("reward-model score", color=COLORS["ppo"])
@@ -180,8 +195,15 @@ def plot_kl(history: Sequence[Mapping[str, Any]], path: Path, target: float | No
     cx, cy = _series(history, "objective/kl_coef")
     if cx:
         ax2 = ax.twinx()
-        ax2.plot(cx, cy, color=COLORS["coef"], linewidth=1.5, marker="s" if len(cy) <= 30 else None,
-                 markersize=3, label="KL coefficient β")
+        ax2.plot(
+            cx,
+            cy,
+            color=COLORS["coef"],
+            linewidth=1.5,
+            marker="s" if len(cy) <= 30 else None,
+            markersize=3,
+            label="KL coefficient β",
+        )
         ax2.set_ylabel("KL coefficient β", color=COLORS["coef"])
         ax2.set_ylim(0, max(max(cy), 1e-6) * 1.25)  # beta > 0: from zero, no offset notation
         ax2.ticklabel_format(axis="y", useOffset=False, style="plain")
@@ -213,10 +235,20 @@ def plot_eval_scores(records: Sequence[Mapping[str, Any]], path: Path) -> Path |
         pad = (hi - lo) * 0.08 or 0.5
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color=COLORS["coef"], linestyle="--", linewidth=1)
         wins = [b > a for a, b in zip(x, y)]
-        ax.scatter([a for a, w in zip(x, wins) if w], [b for b, w in zip(y, wins) if w], s=22,
-                   color=COLORS["ppo"], label=f"PPO better ({sum(wins)})")
-        ax.scatter([a for a, w in zip(x, wins) if not w], [b for b, w in zip(y, wins) if not w], s=22,
-                   color=COLORS["sft"], label=f"SFT better or tie ({len(wins) - sum(wins)})")
+        ax.scatter(
+            [a for a, w in zip(x, wins) if w],
+            [b for b, w in zip(y, wins) if w],
+            s=22,
+            color=COLORS["ppo"],
+            label=f"PPO better ({sum(wins)})",
+        )
+        ax.scatter(
+            [a for a, w in zip(x, wins) if not w],
+            [b for b, w in zip(y, wins) if not w],
+            s=22,
+            color=COLORS["sft"],
+            label=f"SFT better or tie ({len(wins) - sum(wins)})",
+        )
         ax.set_xlim(lo - pad, hi + pad)
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_aspect("equal")
@@ -250,7 +282,8 @@ def figures_rows(m: Mapping[str, Any]) -> list[list[str]]:
     rows = [
         pair("reward-model score (mean ± std)", "eval/reward_mean", std="eval/reward_std"),
         ["gold score (mean)", fmt(m.get("eval/gold_mean_sft")), fmt(m.get("eval/gold_mean_ppo"))]
-        if "eval/gold_mean_ppo" in m else None,
+        if "eval/gold_mean_ppo" in m
+        else None,
         pair("response length (tokens)", "eval/response_len", 1),
         pair("response length (characters)", "eval/response_chars", 1),
         pair("repeat-dominated responses (fraction)", "eval/hack/frac_repeat_dominated"),
@@ -262,25 +295,40 @@ def figures_rows(m: Mapping[str, Any]) -> list[list[str]]:
 
 def comparison_rows(m: Mapping[str, Any]) -> list[list[str]]:
     rows = [
-        ["win rate of PPO over SFT, reward model (ties ½)", "`eval/win_rate_vs_sft`",
-         f"{fmt(m.get('eval/win_rate_vs_sft'))} ± {fmt(m.get('eval/win_rate_stderr'))}"],
+        [
+            "win rate of PPO over SFT, reward model (ties ½)",
+            "`eval/win_rate_vs_sft`",
+            f"{fmt(m.get('eval/win_rate_vs_sft'))} ± {fmt(m.get('eval/win_rate_stderr'))}",
+        ],
         ["mean reward margin (PPO − SFT)", "`eval/reward_margin_mean`", fmt(m.get("eval/reward_margin_mean"))],
     ]
     if "eval/gold_win_rate_vs_sft" in m:
         rows += [
-            ["win rate of PPO over SFT, gold scorer", "`eval/gold_win_rate_vs_sft`",
-             fmt(m.get("eval/gold_win_rate_vs_sft"))],
+            [
+                "win rate of PPO over SFT, gold scorer",
+                "`eval/gold_win_rate_vs_sft`",
+                fmt(m.get("eval/gold_win_rate_vs_sft")),
+            ],
             ["mean gold margin (PPO − SFT)", "`eval/gold_margin_mean`", fmt(m.get("eval/gold_margin_mean"))],
-            ["proxy − gold win-rate gap (> 0: the RM overrates PPO)", "`eval/proxy_gold_win_gap`",
-             fmt(m.get("eval/proxy_gold_win_gap"))],
-            ["correlation of RM and gold scores (all responses)", "`eval/rm_gold_corr`",
-             fmt(m.get("eval/rm_gold_corr"))],
+            [
+                "proxy − gold win-rate gap (> 0: the RM overrates PPO)",
+                "`eval/proxy_gold_win_gap`",
+                fmt(m.get("eval/proxy_gold_win_gap")),
+            ],
+            [
+                "correlation of RM and gold scores (all responses)",
+                "`eval/rm_gold_corr`",
+                fmt(m.get("eval/rm_gold_corr")),
+            ],
         ]
     rows += [
         ["KL(PPO ‖ SFT) per response, on PPO's responses", "`eval/kl_mean`", fmt(m.get("eval/kl_mean"))],
         ["KL per token", "`eval/kl_per_token`", fmt(m.get("eval/kl_per_token"), 4)],
-        ["identical PPO and SFT responses (fraction)", "`eval/frac_identical_responses`",
-         fmt(m.get("eval/frac_identical_responses"))],
+        [
+            "identical PPO and SFT responses (fraction)",
+            "`eval/frac_identical_responses`",
+            fmt(m.get("eval/frac_identical_responses")),
+        ],
         ["questions", "`eval/num_questions`", fmt(m.get("eval/num_questions"))],
     ]
     return rows
@@ -316,8 +364,13 @@ def sample_rows(records: Sequence[Mapping[str, Any]], n: int) -> tuple[list[str]
         columns.append("gold SFT → PPO")
     rows = []
     for i, r in enumerate(records[: max(int(n), 0)]):
-        row = [str(i + 1), md_cell(r["question"], 400), md_cell(r["sft"]), md_cell(r["ppo"]),
-               f"{fmt(r['reward_sft'])} → {fmt(r['reward_ppo'])}"]
+        row = [
+            str(i + 1),
+            md_cell(r["question"], 400),
+            md_cell(r["sft"]),
+            md_cell(r["ppo"]),
+            f"{fmt(r['reward_sft'])} → {fmt(r['reward_ppo'])}",
+        ]
         if has_gold:
             row.append(f"{fmt(r['gold_sft'])} → {fmt(r['gold_ppo'])}")
         rows.append(row)
@@ -341,12 +394,21 @@ def write_report(
     adaptive = cfg.ppo.kl_coef is None and bool(cfg.ppo.adap_kl_ctrl)
     images: list[tuple[str, str, Path]] = []  # (tracker name, caption, path)
     for name, caption, maker in (
-        ("eval/ppo_reward_curve", "Reward-model score (and gold score) per PPO step",
-         lambda: plot_reward(history, figs / "ppo_reward.png")),
-        ("eval/ppo_kl_curve", "KL to the reference and the KL coefficient per PPO step",
-         lambda: plot_kl(history, figs / "ppo_kl.png", float(cfg.ppo.target) if adaptive else None)),
-        ("eval/scores_sft_vs_ppo", "Held-out questions: SFT vs PPO score per question",
-         lambda: plot_eval_scores(records, figs / "eval_scores.png")),
+        (
+            "eval/ppo_reward_curve",
+            "Reward-model score (and gold score) per PPO step",
+            lambda: plot_reward(history, figs / "ppo_reward.png"),
+        ),
+        (
+            "eval/ppo_kl_curve",
+            "KL to the reference and the KL coefficient per PPO step",
+            lambda: plot_kl(history, figs / "ppo_kl.png", float(cfg.ppo.target) if adaptive else None),
+        ),
+        (
+            "eval/scores_sft_vs_ppo",
+            "Held-out questions: SFT vs PPO score per question",
+            lambda: plot_eval_scores(records, figs / "eval_scores.png"),
+        ),
     ):
         try:
             path = maker()
@@ -377,11 +439,18 @@ def write_report(
     if "eval/gold_win_rate_vs_sft" in metrics:
         gap = metrics.get("eval/proxy_gold_win_gap")
         if isinstance(gap, float) and math.isfinite(gap):
-            verdict = ("the reward model overrates the PPO policy (reward over-optimization)" if gap > 0.1 else
-                       "the reward model underrates the PPO policy" if gap < -0.1 else
-                       "the reward model and the gold scorer broadly agree")
-            lines += [f"Proxy vs truth: RM win rate {fmt(metrics.get('eval/win_rate_vs_sft'))}, gold win rate "
-                      f"{fmt(metrics.get('eval/gold_win_rate_vs_sft'))}: {verdict}.", ""]
+            verdict = (
+                "the reward model overrates the PPO policy (reward over-optimization)"
+                if gap > 0.1
+                else "the reward model underrates the PPO policy"
+                if gap < -0.1
+                else "the reward model and the gold scorer broadly agree"
+            )
+            lines += [
+                f"Proxy vs truth: RM win rate {fmt(metrics.get('eval/win_rate_vs_sft'))}, gold win rate "
+                f"{fmt(metrics.get('eval/gold_win_rate_vs_sft'))}: {verdict}.",
+                "",
+            ]
     lines += [
         "## Artifacts",
         "",
@@ -402,22 +471,27 @@ def write_report(
         "",
         "## All evaluation metrics",
         "",
-        md_table(["metric", "value"], [[f"`{k}`", fmt(v, 4)] for k, v in sorted(metrics.items())
-                                       if k.startswith("eval/") and k != "eval/report"]),
+        md_table(
+            ["metric", "value"],
+            [[f"`{k}`", fmt(v, 4)] for k, v in sorted(metrics.items()) if k.startswith("eval/") and k != "eval/report"],
+        ),
         "",
     ]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     try:
-        (run_dir / "report.html").write_text(_html(cfg, metrics, records, s_cols, s_rows, images, run_dir,
-                                                   upstream_rows(upstream, reused)))
+        (run_dir / "report.html").write_text(
+            _html(cfg, metrics, records, s_cols, s_rows, images, run_dir, upstream_rows(upstream, reused))
+        )
     except Exception:
         log.exception("could not write report.html")
 
     if tracker is not None:
-        plain_rows = [[i + 1, r["question"], r["sft"], r["ppo"], r["reward_sft"], r["reward_ppo"]]
-                      + ([r["gold_sft"], r["gold_ppo"]] if "gold_ppo" in r else [])
-                      for i, r in enumerate(records[:n_samples])]
+        plain_rows = [
+            [i + 1, r["question"], r["sft"], r["ppo"], r["reward_sft"], r["reward_ppo"]]
+            + ([r["gold_sft"], r["gold_ppo"]] if "gold_ppo" in r else [])
+            for i, r in enumerate(records[:n_samples])
+        ]
         cols = ["#", "question", "sft", "ppo", "reward_sft", "reward_ppo"]
         if records and "gold_ppo" in records[0]:
             cols += ["gold_sft", "gold_ppo"]
@@ -428,15 +502,23 @@ def write_report(
     return report
 
 
-def _html(cfg: Any, metrics: Mapping[str, Any], records: Sequence[Mapping[str, Any]], s_cols: list[str],
-          s_rows: list[list[str]], images: list[tuple[str, str, Path]], run_dir: Path,
-          up_rows: list[list[str]]) -> str:
+def _html(
+    cfg: Any,
+    metrics: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    s_cols: list[str],
+    s_rows: list[list[str]],
+    images: list[tuple[str, str, Path]],
+    run_dir: Path,
+    up_rows: list[list[str]],
+) -> str:
     """A self-contained-looking HTML twin of report.md (images referenced relatively)."""
 
     def table(columns: Sequence[str], rows: Sequence[Sequence[str]], raw: bool = False) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-        body = "".join("<tr>" + "".join(f"<td>{c if raw else html.escape(str(c))}</td>" for c in r) + "</tr>"
-                       for r in rows)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{c if raw else html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+        )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def untick(rows: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -444,16 +526,26 @@ def _html(cfg: Any, metrics: Mapping[str, Any], records: Sequence[Mapping[str, A
 
     samples = []
     for i, r in enumerate(records[: len(s_rows)]):
-        cells = [str(i + 1), html.escape(r["question"]), f"<pre>{html.escape(r['sft'])}</pre>",
-                 f"<pre>{html.escape(r['ppo'])}</pre>", f"{fmt(r['reward_sft'])} → {fmt(r['reward_ppo'])}"]
+        cells = [
+            str(i + 1),
+            html.escape(r["question"]),
+            f"<pre>{html.escape(r['sft'])}</pre>",
+            f"<pre>{html.escape(r['ppo'])}</pre>",
+            f"{fmt(r['reward_sft'])} → {fmt(r['reward_ppo'])}",
+        ]
         if "gold_ppo" in r and len(s_cols) > 5:
             cells.append(f"{fmt(r['gold_sft'])} → {fmt(r['gold_ppo'])}")
         samples.append(cells)
-    imgs = "".join(f'<figure><img src="{html.escape(p.relative_to(run_dir).as_posix())}" alt="{html.escape(c)}">'
-                   f"<figcaption>{html.escape(c)}</figcaption></figure>" for _, c, p in images)
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;}table{border-collapse:collapse;"
-             "margin:1em 0;}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px;}"
-             "pre{white-space:pre-wrap;margin:0;font-size:12px;}img{max-width:100%;}")
+    imgs = "".join(
+        f'<figure><img src="{html.escape(p.relative_to(run_dir).as_posix())}" alt="{html.escape(c)}">'
+        f"<figcaption>{html.escape(c)}</figcaption></figure>"
+        for _, c, p in images
+    )
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;}table{border-collapse:collapse;"
+        "margin:1em 0;}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px;}"
+        "pre{white-space:pre-wrap;margin:0;font-size:12px;}img{max-width:100%;}"
+    )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>StackLlama eval</title><style>{style}</style>"
         f"</head><body><h1>StackLlama evaluation: PPO policy vs SFT reference</h1>"

@@ -82,8 +82,10 @@ def check(mode: str, device: torch.device) -> None:
     if mode == "fp16" and device.type != "cuda":
         raise ValueError("mixed_precision=fp16 needs a CUDA device; on CPU use bf16 or no")
     if mode == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
-        log.warning("mixed_precision=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated "
-                    "and may be slower than mixed_precision=no")
+        log.warning(
+            "mixed_precision=bf16 on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated "
+            "and may be slower than mixed_precision=no"
+        )
     if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("mixed_precision=bf16: this GPU does not support bfloat16; use fp16 or no")
 
@@ -111,5 +113,15 @@ def trainer_flags(mode: str) -> dict[str, Any]:
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
 
 
-__all__ = ["MODES", "RESOLVED", "autocast", "check", "cpu_has_fast_bf16", "fast_bf16", "resolve", "run_mode", "trainer_flags",
-           "trainer_mode"]
+__all__ = [
+    "MODES",
+    "RESOLVED",
+    "autocast",
+    "check",
+    "cpu_has_fast_bf16",
+    "fast_bf16",
+    "resolve",
+    "run_mode",
+    "trainer_flags",
+    "trainer_mode",
+]

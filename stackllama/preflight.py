@@ -52,8 +52,15 @@ def _base_model_problem(cfg: Any) -> str | None:
     else:
         name, key = model.name_or_path, "model.name_or_path"
     try:
-        locate_model(name, model.cache_dir, model.gguf_package, model.gguf_file, float(model.hub_timeout),
-                     model.gguf_source, need_weights=not tiny)
+        locate_model(
+            name,
+            model.cache_dir,
+            model.gguf_package,
+            model.gguf_file,
+            float(model.hub_timeout),
+            model.gguf_source,
+            need_weights=not tiny,
+        )
     except (FileNotFoundError, ValueError) as exc:
         text = str(exc)
         return text if text.startswith(key) else f"{key}={name}: {text}"

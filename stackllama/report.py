@@ -39,10 +39,21 @@ from typing import Any
 import yaml
 
 HEADLINE = [
-    "run/status", "run/objective",
-    "ppo/reward_mean_start", "ppo/reward_mean_end", "objective/kl_end", "gold/score_start", "gold/score_end",
-    "eval/win_rate_vs_sft", "eval/gold_win_rate_vs_sft", "eval/accuracy", "eval/perplexity",
-    "ppo/skipped_batches", "upstream/sft/reused", "upstream/rm/reused", "time/total_s",
+    "run/status",
+    "run/objective",
+    "ppo/reward_mean_start",
+    "ppo/reward_mean_end",
+    "objective/kl_end",
+    "gold/score_start",
+    "gold/score_end",
+    "eval/win_rate_vs_sft",
+    "eval/gold_win_rate_vs_sft",
+    "eval/accuracy",
+    "eval/perplexity",
+    "ppo/skipped_batches",
+    "upstream/sft/reused",
+    "upstream/rm/reused",
+    "time/total_s",
 ]
 KL, REWARD, GOLD = "objective/kl_end", "ppo/reward_mean_end", "gold/score_end"
 OVR = "override:"
@@ -100,7 +111,7 @@ def swept_keys(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, str]]:
     """(override columns whose value differs across jobs, {key: value} shared by all jobs)."""
     keys = sorted({k for r in rows for k in r if k.startswith(OVR)})
     varying = [k for k in keys if len({r.get(k) for r in rows}) > 1]
-    fixed = {k[len(OVR):]: rows[0][k] for k in keys if k not in varying}
+    fixed = {k[len(OVR) :]: rows[0][k] for k in keys if k not in varying}
     return varying, fixed
 
 
@@ -178,8 +189,12 @@ def markdown_report(sweep_dir: Path, rows: list[dict[str, Any]], columns: list[s
     counts: dict[str, int] = {}
     for r in rows:
         counts[str(r.get("run/status"))] = counts.get(str(r.get("run/status")), 0) + 1
-    lines = [f"# Sweep summary: {sweep_dir}", "",
-             f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), ""]
+    lines = [
+        f"# Sweep summary: {sweep_dir}",
+        "",
+        f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        "",
+    ]
     if fixed and len(rows) > 1:
         lines += ["Shared overrides: " + " ".join(f"`{k}={v}`" for k, v in fixed.items()), ""]
     lines.append(to_markdown(rows, columns))
@@ -188,21 +203,34 @@ def markdown_report(sweep_dir: Path, rows: list[dict[str, Any]], columns: list[s
         lines += [recipe]
     best = best_row(rows, _direction(sweep_dir))
     if best is not None:
-        lines += [f"Best objective ({_direction(sweep_dir)}): {_fmt(_number(best['run/objective']))} "
-                  f"in job {best['job']}", ""]
+        lines += [
+            f"Best objective ({_direction(sweep_dir)}): {_fmt(_number(best['run/objective']))} in job {best['job']}",
+            "",
+        ]
     optuna = optimization_results(sweep_dir)
     if optuna:
-        lines += ["Optuna (optimization_results.yaml):", "", "```yaml",
-                  yaml.safe_dump(optuna, sort_keys=False).rstrip(), "```", ""]
+        lines += [
+            "Optuna (optimization_results.yaml):",
+            "",
+            "```yaml",
+            yaml.safe_dump(optuna, sort_keys=False).rstrip(),
+            "```",
+            "",
+        ]
     return "\n".join(lines).rstrip() + "\n"
 
 
 # The whole recipe per job (stage=all): what each stage took and bought. (label, key, stderr key or None)
 RECIPE = [
-    ("SFT s", "time/stage/sft_s", None), ("RM s", "time/stage/rm_s", None), ("PPO s", "time/stage/ppo_s", None),
-    ("eval s", "time/stage/eval_s", None), ("total s", "time/total_s", None),
-    ("ppl before", "sft/eval/perplexity_before", None), ("ppl after", "sft/eval/perplexity", None),
-    ("RM acc", "rm/eval/accuracy", None), ("gold ceiling", "rm/eval/gold_accuracy", None),
+    ("SFT s", "time/stage/sft_s", None),
+    ("RM s", "time/stage/rm_s", None),
+    ("PPO s", "time/stage/ppo_s", None),
+    ("eval s", "time/stage/eval_s", None),
+    ("total s", "time/total_s", None),
+    ("ppl before", "sft/eval/perplexity_before", None),
+    ("ppl after", "sft/eval/perplexity", None),
+    ("RM acc", "rm/eval/accuracy", None),
+    ("gold ceiling", "rm/eval/gold_accuracy", None),
     ("PPO reward start", "ppo/reward_mean_start", "ppo/reward_mean_start_stderr"),
     ("PPO reward end", "ppo/reward_mean_end", "ppo/reward_mean_end_stderr"),
     ("gold start", "ppo/gold/score_start", "ppo/gold/score_start_stderr"),
@@ -231,11 +259,16 @@ def recipe_table(rows: list[dict[str, Any]]) -> str:
         return ""
     cols = [c for c in RECIPE if any(c[1] in r for r in jobs)]
     varying, _ = swept_keys(rows)
-    head = ["job", *(k[len(OVR):] for k in varying), *(c[0] for c in cols)]
-    lines = ["## The recipe, job by job", "",
-             "Start/end: the first and last 10% of PPO steps (± standard error over their episodes); win rates ± "
-             "binomial standard error over the evaluation questions; the last row is the mean over jobs ± their std.",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["job", *(k[len(OVR) :] for k in varying), *(c[0] for c in cols)]
+    lines = [
+        "## The recipe, job by job",
+        "",
+        "Start/end: the first and last 10% of PPO steps (± standard error over their episodes); win rates ± "
+        "binomial standard error over the evaluation questions; the last row is the mean over jobs ± their std.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in jobs:
         cells = [str(r["job"]), *(_fmt(r.get(k)) for k in varying), *(_with_stderr(r, k, e) for _, k, e in cols)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -282,10 +315,11 @@ def plot_ppo_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
             xs = [h.get("ppo/step", i + 1) for i, h in enumerate(hist)]
             ys = [h[key] for h in hist]
             se = [h.get(std_key, 0.0) / math.sqrt(max(h.get("env/episodes", 1.0), 1.0)) for h in hist]
-            name = ",".join(f"{k[len(OVR):]}={r.get(k)}" for k in varying) or f"job {r['job']}"
-            line, = ax.plot(xs, ys, marker="o", markersize=3, label=name)
-            ax.fill_between(xs, [y - e for y, e in zip(ys, se)], [y + e for y, e in zip(ys, se)],
-                            color=line.get_color(), alpha=0.15)
+            name = ",".join(f"{k[len(OVR) :]}={r.get(k)}" for k in varying) or f"job {r['job']}"
+            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
+            ax.fill_between(
+                xs, [y - e for y, e in zip(ys, se)], [y + e for y, e in zip(ys, se)], color=line.get_color(), alpha=0.15
+            )
         ax.set_xlabel("PPO step")
         ax.set_ylabel(f"{label}, batch mean ± stderr")
         ax.grid(alpha=0.3)
@@ -329,7 +363,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> Path | None:
     else:
         cmap = plt.get_cmap("viridis", max(len(values), 2))
         colors = {v: cmap(i) for i, v in enumerate(values)}
-    short = {k: k[len(OVR):].split(".")[-1] for k in varying}
+    short = {k: k[len(OVR) :].split(".")[-1] for k in varying}
     panels = [(REWARD, "reward model score at the end")]
     if all(_finite(r.get(GOLD)) for r in done):
         panels.append((GOLD, "gold score at the end (synthetic data)"))
@@ -344,18 +378,37 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> Path | None:
                 ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         front = pareto_front(points)
         if len(front) > 1:  # best score reachable at each KL budget: a staircase through the front
-            ax.plot(*zip(*front), color="tab:red", linestyle="--", linewidth=1, zorder=2, drawstyle="steps-post",
-                    label="frontier (best score at a KL budget)")
+            ax.plot(
+                *zip(*front),
+                color="tab:red",
+                linestyle="--",
+                linewidth=1,
+                zorder=2,
+                drawstyle="steps-post",
+                label="frontier (best score at a KL budget)",
+            )
         elif front:
-            ax.scatter(*zip(*front), facecolor="none", edgecolor="tab:red", s=130, zorder=2,
-                       label="frontier (dominates the rest)")
+            ax.scatter(
+                *zip(*front),
+                facecolor="none",
+                edgecolor="tab:red",
+                s=130,
+                zorder=2,
+                label="frontier (dominates the rest)",
+            )
         if color_key and not continuous:
             for v in values:
-                ax.scatter([], [], color=colors[v], edgecolor="black", linewidth=0.5,
-                           label=f"{color_key[len(OVR):]}={_fmt(v)}")
+                ax.scatter(
+                    [],
+                    [],
+                    color=colors[v],
+                    edgecolor="black",
+                    linewidth=0.5,
+                    label=f"{color_key[len(OVR) :]}={_fmt(v)}",
+                )
         if continuous:
             mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis")
-            fig.colorbar(mappable, ax=ax, label=color_key[len(OVR):])
+            fig.colorbar(mappable, ax=ax, label=color_key[len(OVR) :])
         ax.xaxis.set_major_locator(MaxNLocator(5))
         for axis in (ax.xaxis, ax.yaxis):  # short tick labels, no offset text over the axis label
             axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
@@ -364,8 +417,9 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     missing = len(rows) - len(done)
-    fig.suptitle("Reward vs KL across the sweep" + (f" ({missing} job(s) without PPO figures not shown)"
-                                                    if missing else ""))
+    fig.suptitle(
+        "Reward vs KL across the sweep" + (f" ({missing} job(s) without PPO figures not shown)" if missing else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -62,8 +62,8 @@ def truncate_left(ids: list[int], max_length: int, bos_token_id: int | None) -> 
     if max_length is None or len(ids) <= max_length:
         return ids
     if bos_token_id is not None and ids and ids[0] == bos_token_id and max_length > 1:
-        return [ids[0]] + ids[len(ids) - (max_length - 1):]
-    return ids[len(ids) - max_length:]
+        return [ids[0]] + ids[len(ids) - (max_length - 1) :]
+    return ids[len(ids) - max_length :]
 
 
 def pad_batch(
@@ -152,7 +152,9 @@ class RewardScorer:
         elif tokenizer.pad_token_id is not None and tokenizer.pad_token_id != pad_id:
             log.warning(
                 "reward tokenizer pads with id %s but the model pools on pad id %s; batches are padded "
-                "with the model's id", tokenizer.pad_token_id, pad_id,
+                "with the model's id",
+                tokenizer.pad_token_id,
+                pad_id,
             )
         self.pad_id = int(pad_id)
 
@@ -188,10 +190,19 @@ class RewardScorer:
             saved = _saved_dtype(Path(path))
             dtype = saved if saved in DTYPES else "float32"
         quant = quant_cfg if quant_cfg is not None else QuantizationConfig(mode="none")
-        model = load_model(path, "seq_cls", quant, None, dtype=dtype, device=device, tokenizer=tokenizer,
-                           trainable=False)
-        return cls(model, tokenizer, template, batch_size=batch_size, max_length=max_length, device=device,
-                   padding_side=padding_side, mixed_precision=mixed_precision)
+        model = load_model(
+            path, "seq_cls", quant, None, dtype=dtype, device=device, tokenizer=tokenizer, trainable=False
+        )
+        return cls(
+            model,
+            tokenizer,
+            template,
+            batch_size=batch_size,
+            max_length=max_length,
+            device=device,
+            padding_side=padding_side,
+            mixed_precision=mixed_precision,
+        )
 
     # -- encoding -----------------------------------------------------------------------
 
@@ -220,7 +231,7 @@ class RewardScorer:
         try:
             with torch.no_grad(), precision.autocast(self.mixed_precision, self.device):
                 for start in range(0, n, self.batch_size):
-                    idx = order[start:start + self.batch_size]
+                    idx = order[start : start + self.batch_size]
                     ids, mask, pos = pad_batch([seqs[i] for i in idx], self.pad_id, self.padding_side)
                     logits = self.model(
                         input_ids=ids.to(self.device),

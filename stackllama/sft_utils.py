@@ -107,7 +107,9 @@ def token_nll(
     return total_nll, total_tokens
 
 
-def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int, device: Any) -> float:
+def perplexity(
+    model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int, device: Any
+) -> float:
     """Token-weighted perplexity, exp(sum NLL / predicted tokens), over ``texts``."""
     if not texts:
         return float("nan")
@@ -196,9 +198,7 @@ def merge_in_memory(model: Any) -> Any:
     return model.merge_and_unload() if is_peft(model) else model
 
 
-def merge_onto_unquantized_base(
-    adapter_dir: Path, base_path: Path, compute_dtype: str, device: Any
-) -> Any:
+def merge_onto_unquantized_base(adapter_dir: Path, base_path: Path, compute_dtype: str, device: Any) -> Any:
     """Merge a saved adapter into the base model reloaded unquantized in ``compute_dtype``.
 
     Merging into bitsandbytes weights would requantize (and lose) the LoRA delta, so like the

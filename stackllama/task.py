@@ -35,8 +35,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stackllama import distributed, precision
-from stackllama import preflight
+from stackllama import distributed, precision, preflight
 from stackllama.config import ConfigError, validate
 from stackllama.metrics import Metrics
 from stackllama.tracking import Tracker, make_tracker
@@ -106,8 +105,9 @@ def _hydra_info(cfg: Any = None) -> JobInfo:
     name = run_dir.name if multirun else f"{stage}-{run_dir.name}"
     num = hc.job.get("num") if multirun else None
     optuna = "optuna" in str(OmegaConf.select(hc, "sweeper._target_", default="")).lower()
-    return JobInfo(run_dir, multirun, group, name[:128], tags, list(hc.overrides.task), num,
-                   None if optuna else float("nan"))
+    return JobInfo(
+        run_dir, multirun, group, name[:128], tags, list(hc.overrides.task), num, None if optuna else float("nan")
+    )
 
 
 def resolve_precision(cfg: DictConfig, device: torch.device) -> None:
@@ -123,8 +123,14 @@ def resolve_precision(cfg: DictConfig, device: torch.device) -> None:
         resolved = precision.resolve(requested, device)
         precision.check(resolved, device)
         if requested == "auto":
-            log.info("%s=auto -> %s (%s)", key, resolved, "bf16 runs natively on this %s" % device.type
-                     if resolved == "bf16" else f"no native bf16 on this {device.type}: full precision")
+            log.info(
+                "%s=auto -> %s (%s)",
+                key,
+                resolved,
+                "bf16 runs natively on this %s" % device.type
+                if resolved == "bf16"
+                else f"no native bf16 on this {device.type}: full precision",
+            )
             OmegaConf.update(cfg, key, resolved)
 
 
@@ -183,16 +189,28 @@ def _run_task(cfg: DictConfig) -> float | None:
     main = topology.is_main
     metrics_path = job.run_dir / ("metrics.json" if main else f"rank{topology.rank}/metrics.json")
     metrics = Metrics(metrics_path)
-    metrics.update({"run/stage": cfg.stage.name, "run/status": "running", "run/seed": cfg.seed,
-                    "run/world_size": topology.world_size})
+    metrics.update(
+        {
+            "run/stage": cfg.stage.name,
+            "run/status": "running",
+            "run/seed": cfg.seed,
+            "run/world_size": topology.world_size,
+        }
+    )
     tracker: Tracker = Tracker()
     started = time.time()
     exit_code = 1
     try:
         if main:  # opened first, so a job failing on its config still leaves a failed run
             extra = {"hydra": {"overrides": job.overrides, "job_num": job.num, "run_dir": str(job.run_dir)}}
-            tracker = make_tracker(cfg, job.run_dir, cfg.run_name or job.name, job.group,
-                                   tags=[cfg.stage.name, *job.tags], extra_config=extra)
+            tracker = make_tracker(
+                cfg,
+                job.run_dir,
+                cfg.run_name or job.name,
+                job.group,
+                tags=[cfg.stage.name, *job.tags],
+                extra_config=extra,
+            )
         validate(cfg)  # every setting, before anything loads
         runner = get_runner(cfg.stage.name)  # fails early for unknown / unbuilt stages
         preflight.check(cfg)  # the models this job needs exist and are models (reads configs/headers only)
@@ -218,8 +236,13 @@ def _run_task(cfg: DictConfig) -> float | None:
         signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
         name = signal.Signals(signum).name
         exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for Ctrl-C
-        metrics.update({"run/status": "interrupted", "run/signal": name,
-                        "run/error": f"{name} (re-run the same command to resume)"})
+        metrics.update(
+            {
+                "run/status": "interrupted",
+                "run/signal": name,
+                "run/error": f"{name} (re-run the same command to resume)",
+            }
+        )
         log.error("Stage %s interrupted by %s; checkpoints are kept, the same command resumes", cfg.stage.name, name)
         if isinstance(exc, KeyboardInterrupt):
             raise  # Python exits with 130 itself

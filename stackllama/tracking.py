@@ -40,7 +40,9 @@ class Tracker:
     def log(self, values: Mapping[str, Any], step: int | None = None) -> None:
         pass
 
-    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None) -> None:
+    def log_table(
+        self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None = None
+    ) -> None:
         pass
 
     def log_image(self, name: str, path: str | Path) -> None:
@@ -56,8 +58,16 @@ class Tracker:
 class WandbTracker(Tracker):
     backend = "wandb"
 
-    def __init__(self, cfg: Any, run_dir: Path, config_dict: dict, name: str, group: str | None, job_type: str,
-                 tags: Sequence[str] = ()):
+    def __init__(
+        self,
+        cfg: Any,
+        run_dir: Path,
+        config_dict: dict,
+        name: str,
+        group: str | None,
+        job_type: str,
+        tags: Sequence[str] = (),
+    ):
         import wandb
 
         self._wandb = wandb
@@ -127,8 +137,14 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
-def make_tracker(cfg: Any, run_dir: Path, name: str, group: str | None, tags: Sequence[str] = (),
-                 extra_config: Mapping[str, Any] | None = None) -> Tracker:
+def make_tracker(
+    cfg: Any,
+    run_dir: Path,
+    name: str,
+    group: str | None,
+    tags: Sequence[str] = (),
+    extra_config: Mapping[str, Any] | None = None,
+) -> Tracker:
     """The configured backend's tracker for one run.
 
     W&B: one run per job, in ``group`` (the sweep; ``logger.group`` wins when set), job type
@@ -145,8 +161,9 @@ def make_tracker(cfg: Any, run_dir: Path, name: str, group: str | None, tags: Se
     if backend == "wandb":
         config_dict = OmegaConf.to_container(cfg, resolve=True)
         config_dict.update(dict(extra_config or {}))
-        return WandbTracker(cfg.logger, run_dir, config_dict, name, cfg.logger.group or group, cfg.stage.name,
-                            tags=tags)
+        return WandbTracker(
+            cfg.logger, run_dir, config_dict, name, cfg.logger.group or group, cfg.stage.name, tags=tags
+        )
     raise ValueError(f"logger.backend={backend!r}; choose one of wandb, tensorboard, none")
 
 

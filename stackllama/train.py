@@ -1,7 +1,7 @@
 """The single Hydra entry point: compose the config, then dispatch to the stage runner.
 
-    python -m stackllama stage=ppo ppo.kl_coef=0.1
-    python -m stackllama -m stage=ppo ppo.kl_coef=0.02,0.1,0.2 seed=0,1
+python -m stackllama stage=ppo ppo.kl_coef=0.1
+python -m stackllama -m stage=ppo ppo.kl_coef=0.02,0.1,0.2 seed=0,1
 """
 
 from __future__ import annotations

@@ -89,8 +89,10 @@ def test_two_processes_build_a_prerequisite_once(tmp_path):
     overrides = _overrides(root)
     spawn = mp.get_context("spawn")
     barrier, queue = spawn.Barrier(2), spawn.Queue()
-    procs = [spawn.Process(target=_ensure_worker, args=(overrides, tmp_path / f"run{i}", barrier, 2.0, queue))
-             for i in range(2)]
+    procs = [
+        spawn.Process(target=_ensure_worker, args=(overrides, tmp_path / f"run{i}", barrier, 2.0, queue))
+        for i in range(2)
+    ]
     for p in procs:
         p.start()
     results = [queue.get(timeout=180) for _ in procs]
@@ -184,8 +186,14 @@ def test_ppo_setting_changes_only_the_ppo_key(tmp_path):
     assert kl["sft"] == base["sft"] and kl["rm"] == base["rm"]
     assert kl["ppo"] != base["ppo"] and kl["eval"] != base["eval"]
     # how a run is observed is not what it produces
-    observed = _keys(tmp_path, "ppo.log_every=5", "sft.logging_steps=3", "eval.num_samples_in_report=2",
-                     "logger=tensorboard", "device=cpu")
+    observed = _keys(
+        tmp_path,
+        "ppo.log_every=5",
+        "sft.logging_steps=3",
+        "eval.num_samples_in_report=2",
+        "logger=tensorboard",
+        "device=cpu",
+    )
     assert observed == base
     assert _keys(tmp_path / "elsewhere") == base  # the key does not depend on where artifacts live
 
@@ -225,7 +233,9 @@ def test_all_stage_needs_follow_explicit_paths(tmp_path):
     assert needed(compose_cfg(_overrides(tmp_path, given[0])))["sft"] is True
     assert needed(compose_cfg(_overrides(tmp_path, given[0], f"rm.model_path={tmp_path}")))["sft"] is False
     assert prefixed("ppo", {"ppo/reward_mean_end": 1.0, "objective/kl_end": 2.0, "nested": {"x": 1}}) == {
-        "ppo/reward_mean_end": 1.0, "ppo/objective/kl_end": 2.0}
+        "ppo/reward_mean_end": 1.0,
+        "ppo/objective/kl_end": 2.0,
+    }
 
 
 def _unkeyed_overrides() -> list[tuple[str, str]]:
@@ -284,4 +294,3 @@ def test_a_keyed_field_unknown_to_the_key_code_is_still_keyed(tmp_path):
     # Keys come from the schema: every field is keyed unless declared not_in_key, so a setting
     # added later is never silently shared between two different models.
     assert _keys(tmp_path, "rm.min_pm_margin=3")["rm"] != _keys(tmp_path)["rm"]
-

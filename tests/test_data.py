@@ -72,8 +72,11 @@ def test_synthetic_votes_follow_gold(synthetic_records):
     print(f"gold agrees with vote-ranked pairs on {frac:.3f} of {total} pairs (vote_noise 0.5)")
     assert 0.85 <= frac < 0.995  # high, but the vote noise keeps it below 1
     noisy, _ = load_records(cfg(synthetic=SyntheticDataConfig(num_questions=400, vote_noise=3.0)))
-    agree_noisy = [gold_score(r["question"], b["text"]) > gold_score(r["question"], w["text"])
-                   for r in noisy for b, w in make_pairs(r, random.Random(0), None)]
+    agree_noisy = [
+        gold_score(r["question"], b["text"]) > gold_score(r["question"], w["text"])
+        for r in noisy
+        for b, w in make_pairs(r, random.Random(0), None)
+    ]
     assert sum(agree_noisy) / len(agree_noisy) < frac - 0.05  # more noise, lower ceiling
 
 
@@ -105,8 +108,8 @@ def test_gold_rewards_good_answers_and_penalizes_spam():
     }
     for name, text in spam.items():
         assert gold_score(LAGER_Q, text) < good - 2.0, name
-    wrong = "Ferment a lager warm, around 30 C, so it finishes in two days. Healthy yeast and a clean fermentation matter more than fancy malt."
-    fact_free = "Healthy yeast and a clean fermentation matter more than fancy malt. Take notes on every batch so you can repeat what worked."
+    wrong = "Ferment a lager warm, around 30 C, so it finishes in two days. Healthy yeast and a clean fermentation matter more than fancy malt."  # noqa: E501
+    fact_free = "Healthy yeast and a clean fermentation matter more than fancy malt. Take notes on every batch so you can repeat what worked."  # noqa: E501
     assert good > gold_score(LAGER_Q, fact_free) > gold_score(LAGER_Q, wrong)
     filler = GOOD_LAGER + " My cat keeps walking across the keyboard. The traffic was terrible again."
     assert gold_score(LAGER_Q, filler) < good
@@ -114,7 +117,7 @@ def test_gold_rewards_good_answers_and_penalizes_spam():
 
 def test_gold_code_questions_want_one_code_block():
     q = "Question: How do I reverse a list in Python?\n\nI want a short and readable solution.\n\nAnswer: "
-    text = "Slice it with items[::-1] or loop over reversed(items). Keep the code readable, a short function is easier to test."
+    text = "Slice it with items[::-1] or loop over reversed(items). Keep the code readable, a short function is easier to test."  # noqa: E501
     block = "\n\n```python\nitems = [3, 1, 2]\nprint(items[::-1])\n```\n\n"
     with_code = text + block + "It is a common idiom, so other readers of your code will know it."
     assert gold_score(q, with_code) > gold_score(q, text) + 1.0
@@ -142,9 +145,16 @@ def test_gold_is_text_only_and_batched():
 
 
 def _record(pms):
-    return {"qid": "q", "question": "Q?", "date": "", "metadata": {},
-            "answers": [{"answer_id": str(i), "pm_score": p, "selected": False, "text": f"a{i}", "score": p}
-                        for i, p in enumerate(pms)]}
+    return {
+        "qid": "q",
+        "question": "Q?",
+        "date": "",
+        "metadata": {},
+        "answers": [
+            {"answer_id": str(i), "pm_score": p, "selected": False, "text": f"a{i}", "score": p}
+            for i, p in enumerate(pms)
+        ],
+    }
 
 
 def test_make_pairs():
@@ -223,7 +233,13 @@ def test_empty_split_is_a_typed_empty_dataset():
     records, _ = load_records(small(n=10))
     c = small(n=10, splits=SplitsConfig(finetune=1.0, reward=0.0, rl=0.0, evaluation=0.0))
     s = build_splits(records, c)
-    assert len(s.reward) == 0 and s.reward.column_names == ["question", "chosen", "rejected", "chosen_pm", "rejected_pm"]
+    assert len(s.reward) == 0 and s.reward.column_names == [
+        "question",
+        "chosen",
+        "rejected",
+        "chosen_pm",
+        "rejected_pm",
+    ]
     assert len(s.finetune) > 0
 
 
@@ -232,12 +248,24 @@ def test_empty_split_is_a_typed_empty_dataset():
 # --------------------------------------------------------------------------------------
 
 H4_ROWS = [
-    {"qid": 1, "question": "How?", "date": "2020", "metadata": ["https://x"],
-     "answers": [{"answer_id": 10, "author": "a", "pm_score": 3, "selected": True, "text": "Like this."},
-                 {"answer_id": 11, "author": "b", "pm_score": 1, "selected": False, "text": "Maybe."},
-                 {"answer_id": 12, "author": "c", "pm_score": 0, "selected": False, "text": ""}]},
-    {"qid": 2, "question": "Why?", "date": "2021", "metadata": [],
-     "answers": [{"answer_id": 20, "pm_score": 2, "selected": False, "text": "Because."}]},
+    {
+        "qid": 1,
+        "question": "How?",
+        "date": "2020",
+        "metadata": ["https://x"],
+        "answers": [
+            {"answer_id": 10, "author": "a", "pm_score": 3, "selected": True, "text": "Like this."},
+            {"answer_id": 11, "author": "b", "pm_score": 1, "selected": False, "text": "Maybe."},
+            {"answer_id": 12, "author": "c", "pm_score": 0, "selected": False, "text": ""},
+        ],
+    },
+    {
+        "qid": 2,
+        "question": "Why?",
+        "date": "2021",
+        "metadata": [],
+        "answers": [{"answer_id": 20, "pm_score": 2, "selected": False, "text": "Because."}],
+    },
 ]
 
 PAIRED_ROWS = [
@@ -259,12 +287,22 @@ def test_h4_preferences_from_jsonl(tmp_path):
     records, stats = load_records(cfg(source="h4_preferences", path=str(path), min_answers=2))
     (rec,) = records
     assert rec["qid"] == "1" and rec["metadata"]["value"] == ["https://x"]
-    assert [(a["answer_id"], a["pm_score"], a["selected"]) for a in rec["answers"]] == [("10", 3, True), ("11", 1, False)]
+    assert [(a["answer_id"], a["pm_score"], a["selected"]) for a in rec["answers"]] == [
+        ("10", 3, True),
+        ("11", 1, False),
+    ]
     assert stats["data/skipped_empty_answers"] == 1 and stats["data/skipped_few_answers"] == 1
-    s = build_splits(records, cfg(source="h4_preferences", path=str(path),
-                                  splits=SplitsConfig(finetune=0.0, reward=1.0, rl=0.0, evaluation=0.0)))
-    assert s.reward.to_list() == [{"question": "How?", "chosen": "Like this.", "rejected": "Maybe.",
-                                   "chosen_pm": 3, "rejected_pm": 1}]
+    s = build_splits(
+        records,
+        cfg(
+            source="h4_preferences",
+            path=str(path),
+            splits=SplitsConfig(finetune=0.0, reward=1.0, rl=0.0, evaluation=0.0),
+        ),
+    )
+    assert s.reward.to_list() == [
+        {"question": "How?", "chosen": "Like this.", "rejected": "Maybe.", "chosen_pm": 3, "rejected_pm": 1}
+    ]
 
 
 def test_paired_from_jsonl_folder_and_parquet(tmp_path):

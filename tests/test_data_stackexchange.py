@@ -163,8 +163,15 @@ def _row(**attrs: str) -> bytes:
 
 def _good_question(qid: str, accepted: str = "") -> bytes:
     extra = {"AcceptedAnswerId": accepted} if accepted else {}
-    return _row(Id=qid, PostTypeId="1", Score="3", Title=f"Question {qid}", Body="&lt;p&gt;Why?&lt;/p&gt;",
-                CreationDate="2020-01-01T00:00:00", **extra)
+    return _row(
+        Id=qid,
+        PostTypeId="1",
+        Score="3",
+        Title=f"Question {qid}",
+        Body="&lt;p&gt;Why?&lt;/p&gt;",
+        CreationDate="2020-01-01T00:00:00",
+        **extra,
+    )
 
 
 def _answer(aid: str, parent: str, score: str = "1", body: str = "&lt;p&gt;Because.&lt;/p&gt;") -> bytes:

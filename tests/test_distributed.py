@@ -64,24 +64,43 @@ def test_detect_torchrun_and_accelerate(clean_env):
 
 def test_detect_submitit_local_tasks(clean_env):
     """What submitit's local executor sets for task 1 of a job with tasks_per_node=2."""
-    for key, value in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="4242", SUBMITIT_LOCAL_NTASKS="2",
-                           SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0",
-                           SUBMITIT_LOCAL_GLOBALID="1", SUBMITIT_LOCAL_LOCALID="1").items():
+    for key, value in dict(
+        SUBMITIT_EXECUTOR="local",
+        SUBMITIT_LOCAL_JOB_ID="4242",
+        SUBMITIT_LOCAL_NTASKS="2",
+        SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+        SUBMITIT_LOCAL_NODEID="0",
+        SUBMITIT_LOCAL_GLOBALID="1",
+        SUBMITIT_LOCAL_LOCALID="1",
+    ).items():
         clean_env.setenv(key, value)
     env = distributed.detect()
     assert (env.rank, env.local_rank, env.world_size, env.source) == (1, 1, 2, "submitit")
     assert env.master_addr == "127.0.0.1" and env.master_port == distributed.port_for("4242")
     exported: dict[str, str] = {}
     distributed.export(env, exported)
-    assert exported == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(distributed.port_for("4242"))}
+    assert exported == {
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(distributed.port_for("4242")),
+    }
 
 
 def test_detect_submitit_slurm_two_nodes(clean_env):
     """Task 5 of a 2-node x 4-GPU submitit job: rank from SLURM_PROCID, rank 0 = first host."""
-    for key, value in dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="981", SLURM_NTASKS="8", SLURM_JOB_NUM_NODES="2",
-                           SLURM_NODEID="1", SLURM_PROCID="5", SLURM_LOCALID="1",
-                           SLURM_JOB_NODELIST="gpu[07-08]").items():
+    for key, value in dict(
+        SUBMITIT_EXECUTOR="slurm",
+        SLURM_JOB_ID="981",
+        SLURM_NTASKS="8",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NODEID="1",
+        SLURM_PROCID="5",
+        SLURM_LOCALID="1",
+        SLURM_JOB_NODELIST="gpu[07-08]",
+    ).items():
         clean_env.setenv(key, value)
     env = distributed.detect()
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (5, 1, 8, 4)
@@ -91,9 +110,16 @@ def test_detect_submitit_slurm_two_nodes(clean_env):
 
 
 def test_detect_plain_srun_but_not_a_batch_script():
-    srun = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_LOCALID": "0",
-            "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "4", "SLURM_JOB_NODELIST": "cn[1-3],gpu9",
-            "SLURM_NTASKS": "4"}
+    srun = {
+        "SLURM_JOB_ID": "77",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "2",
+        "SLURM_LOCALID": "0",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_STEP_NUM_NODES": "4",
+        "SLURM_JOB_NODELIST": "cn[1-3],gpu9",
+        "SLURM_NTASKS": "4",
+    }
     env = distributed.detect(srun)
     assert (env.rank, env.world_size, env.local_world_size, env.master_addr, env.source) == (2, 4, 1, "cn1", "slurm")
     # sbatch --ntasks=4 running python once: SLURM_NTASKS but no srun step -> one process
@@ -104,7 +130,15 @@ def test_detect_plain_srun_but_not_a_batch_script():
 
 def test_parse_nodelist():
     assert distributed.parse_nodelist("gpu[01-03,07],cpu5,a-b[9-11]") == [
-        "gpu01", "gpu02", "gpu03", "gpu07", "cpu5", "a-b9", "a-b10", "a-b11"]
+        "gpu01",
+        "gpu02",
+        "gpu03",
+        "gpu07",
+        "cpu5",
+        "a-b9",
+        "a-b10",
+        "a-b11",
+    ]
     assert distributed.parse_nodelist("") == []
 
 
@@ -148,8 +182,15 @@ def collective_build(cfg, ctx, work_dir, out_dir):
 
 
 def _rank_process(rank: int, world: int, port: int, cfgs: dict, root: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     root = Path(root)
     out: dict = {}
     try:
@@ -165,8 +206,12 @@ def _rank_process(rank: int, world: int, port: int, cfgs: dict, root: str) -> No
         out["A"] = {"reused": reused, "waited_s": time.time() - started, "by": manifest["metrics"]["by"]}
 
         folder, manifest, reused = artifacts.ensure("sft", cfgs["B"], ctx, collective_build)  # B: build together
-        out["B"] = {"reused": reused, "folder": str(folder), "metrics": manifest["metrics"],
-                    "world_size": manifest["world_size"]}
+        out["B"] = {
+            "reused": reused,
+            "folder": str(folder),
+            "metrics": manifest["metrics"],
+            "world_size": manifest["world_size"],
+        }
         folder, manifest, reused = artifacts.ensure("sft", cfgs["B"], ctx, collective_build)  # again: reuse
         out["B_again"] = {"reused": reused}
 
@@ -187,8 +232,10 @@ def _rank_process(rank: int, world: int, port: int, cfgs: dict, root: str) -> No
 
 def test_ensure_under_ddp_builds_together_and_waits_for_other_jobs(tmp_path):
     root = tmp_path
-    cfgs = {name: compose_cfg(["model=tiny", "logger=none", f"artifacts_dir={root / 'artifacts'}", f"seed={seed}"])
-            for name, seed in (("A", 1), ("B", 2))}
+    cfgs = {
+        name: compose_cfg(["model=tiny", "logger=none", f"artifacts_dir={root / 'artifacts'}", f"seed={seed}"])
+        for name, seed in (("A", 1), ("B", 2))
+    }
     final_a = artifacts.stage_dir("sft", cfgs["A"])
     final_a.parent.mkdir(parents=True)
     other_job = FileLock(str(final_a) + ".lock")
@@ -239,19 +286,46 @@ def test_ensure_under_ddp_builds_together_and_waits_for_other_jobs(tmp_path):
 
 
 SFT_TINY = [  # the tiny recipe (tests/test_sweeps.py), deterministic: no LoRA dropout, loss logged every step
-    "stage=sft", "lora.dropout=0.0", "sft.max_steps=4", "sft.logging_steps=1", "sft.learning_rate=1e-3",
+    "stage=sft",
+    "lora.dropout=0.0",
+    "sft.max_steps=4",
+    "sft.logging_steps=1",
+    "sft.learning_rate=1e-3",
 ]
 
 
-def cli(workdir: Path, *args: str, launcher: list[str] | None = None, multirun: bool = False,
-        env_extra: dict | None = None, base: list[str] = SFT_TINY) -> subprocess.CompletedProcess:
+def cli(
+    workdir: Path,
+    *args: str,
+    launcher: list[str] | None = None,
+    multirun: bool = False,
+    env_extra: dict | None = None,
+    base: list[str] = SFT_TINY,
+) -> subprocess.CompletedProcess:
     """``python -m stackllama`` (or ``launcher ... -m stackllama``) with ``base`` (the tiny SFT settings)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in TORCH_ENV and not k.startswith(("STACKLLAMA_ARTIFACTS", "WANDB_", "SLURM_", "SUBMITIT_"))}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", WANDB_SILENT="true",
-               HYDRA_FULL_ERROR="1", **(env_extra or {}))
-    cmd = [*(launcher or [sys.executable]), "-m", "stackllama", *(["-m"] if multirun else []),
-           f"hydra.searchpath=[file://{workdir / 'conf'}]", "experiment=tiny", *base, *args]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in TORCH_ENV and not k.startswith(("STACKLLAMA_ARTIFACTS", "WANDB_", "SLURM_", "SUBMITIT_"))
+    }
+    env.update(
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        HYDRA_FULL_ERROR="1",
+        **(env_extra or {}),
+    )
+    cmd = [
+        *(launcher or [sys.executable]),
+        "-m",
+        "stackllama",
+        *(["-m"] if multirun else []),
+        f"hydra.searchpath=[file://{workdir / 'conf'}]",
+        "experiment=tiny",
+        *base,
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -259,8 +333,14 @@ def cli(workdir: Path, *args: str, launcher: list[str] | None = None, multirun: 
 
 def _accelerate(config: str) -> list[str]:
     repo = Path(__file__).resolve().parents[1]
-    return [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-            str(repo / "conf" / "accelerate" / config), "--num_processes", "2"]
+    return [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(repo / "conf" / "accelerate" / config),
+        "--num_processes",
+        "2",
+    ]
 
 
 def _sft_metrics(run_dir: Path) -> dict:
@@ -357,8 +437,14 @@ def test_sft_deepspeed_zero_matches_one_process(tmp_path, zero):
     repo = Path(__file__).resolve().parents[1]
     for name in (f"ds_{zero}.json",):
         (ds / "conf" / "accelerate" / name).write_text((repo / "conf" / "accelerate" / name).read_text())
-    cli(ds, "lora=none", "sft.batch_size=2", "hydra.run.dir=run", launcher=_accelerate(f"{zero}.yaml"),
-        env_extra={"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+    cli(
+        ds,
+        "lora=none",
+        "sft.batch_size=2",
+        "hydra.run.dir=run",
+        launcher=_accelerate(f"{zero}.yaml"),
+        env_extra={"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")},
+    )
     m1, m2 = _sft_metrics(one / "run"), _sft_metrics(ds / "run")
     assert m2["run/world_size"] == 2 and m2["train/steps"] == 4
     assert m2["train/loss"] == pytest.approx(m1["train/loss"], rel=1e-5)
@@ -395,8 +481,12 @@ def test_rm_and_ppo_run_data_parallel_in_two_processes(tmp_path):
     assert rank1["artifact/path"] == rm["artifact/path"]  # one artifact, published by rank 0
     assert (Path(rm["artifact/path"]) / "manifest.json").exists()
 
-    proc = cli(work, "hydra.run.dir=ppo", base=["stage=ppo", "ppo.steps=3", "ppo.kl_coef=0.1", "ppo.save_every=2"],
-               launcher=launcher)
+    proc = cli(
+        work,
+        "hydra.run.dir=ppo",
+        base=["stage=ppo", "ppo.steps=3", "ppo.kl_coef=0.1", "ppo.save_every=2"],
+        launcher=launcher,
+    )
     assert "reusing" in (proc.stdout + proc.stderr).lower()  # SFT and RM from the runs above
     ppo = _sft_metrics(work / "ppo")
     rank1 = json.loads((work / "ppo" / "rank1" / "metrics.json").read_text())

@@ -23,16 +23,37 @@ from stackllama.task import RunContext
 from stackllama.tracking import Tracker
 from tests.conftest import REPO, compose_cfg, tiny_reward_folder
 
-EVAL_KEYS = ("eval/win_rate_vs_sft", "eval/reward_mean_ppo", "eval/reward_mean_sft", "eval/kl_mean",
-             "eval/response_len_ppo", "eval/response_len_sft")
+EVAL_KEYS = (
+    "eval/win_rate_vs_sft",
+    "eval/reward_mean_ppo",
+    "eval/reward_mean_sft",
+    "eval/kl_mean",
+    "eval/response_len_ppo",
+    "eval/response_len_sft",
+)
 GOLD_KEYS = ("eval/gold_win_rate_vs_sft", "eval/gold_mean_ppo", "eval/gold_mean_sft")
 # The recipe at toy scale: each stage takes seconds on the tiny model.
 TINY = [
-    "model=tiny", "logger=none", "data.synthetic.num_questions=60",
-    "sft.max_steps=4", "sft.seq_length=64", "sft.eval_size=8", "sft.num_sample_generations=1",
-    "sft.sample_max_new_tokens=8", "rm.max_length=128", "rm.max_steps=4", "rm.max_eval_pairs=8",
-    "ppo.steps=2", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.min_new_tokens=4", "ppo.max_new_tokens=9",
-    "eval.num_questions=4", "eval.max_new_tokens=8", "eval.batch_size=3", "eval.num_samples_in_report=2",
+    "model=tiny",
+    "logger=none",
+    "data.synthetic.num_questions=60",
+    "sft.max_steps=4",
+    "sft.seq_length=64",
+    "sft.eval_size=8",
+    "sft.num_sample_generations=1",
+    "sft.sample_max_new_tokens=8",
+    "rm.max_length=128",
+    "rm.max_steps=4",
+    "rm.max_eval_pairs=8",
+    "ppo.steps=2",
+    "ppo.batch_size=4",
+    "ppo.mini_batch_size=2",
+    "ppo.min_new_tokens=4",
+    "ppo.max_new_tokens=9",
+    "eval.num_questions=4",
+    "eval.max_new_tokens=8",
+    "eval.batch_size=3",
+    "eval.num_samples_in_report=2",
 ]
 
 
@@ -80,9 +101,17 @@ def test_eval_questions_are_unique_and_in_order():
 
 
 def test_summarize_reports_every_figure():
-    m = ev.summarize([[1, 2, 3], [4, 4, 4, 4, 4]], ["abc", "```a``` ```b```"], [[1, 2], [5]], ["ab", "c"],
-                     reward_ppo=[1.0, 0.0], reward_sft=[0.0, 0.0], kl=[2.0, 4.0],
-                     gold_ppo=[0.5, -1.0], gold_sft=[0.0, 0.0])
+    m = ev.summarize(
+        [[1, 2, 3], [4, 4, 4, 4, 4]],
+        ["abc", "```a``` ```b```"],
+        [[1, 2], [5]],
+        ["ab", "c"],
+        reward_ppo=[1.0, 0.0],
+        reward_sft=[0.0, 0.0],
+        kl=[2.0, 4.0],
+        gold_ppo=[0.5, -1.0],
+        gold_sft=[0.0, 0.0],
+    )
     assert m["eval/win_rate_vs_sft"] == 0.75 and m["eval/tie_rate"] == 0.5
     assert m["eval/kl_mean"] == 3.0 and m["eval/kl_per_token"] == pytest.approx(6 / 8)
     assert m["eval/response_len_ppo"] == 4.0 and m["eval/response_len_sft"] == 1.5
@@ -104,8 +133,9 @@ def test_identical_models_tie_with_zero_kl(tmp_path):
     cfg = compose_cfg(TINY + [f"artifacts_dir={tmp_path}", "eval.num_questions=4", "eval.batch_size=3"])
     base = model_folder(cfg.model)
     questions = list(build_dataset(cfg.data).evaluation["question"])
-    metrics, records = ev.compare(cfg, _ctx(tmp_path / "run"), base, base, tiny_reward_folder(), questions,
-                                  gold_scorer(cfg.data))
+    metrics, records = ev.compare(
+        cfg, _ctx(tmp_path / "run"), base, base, tiny_reward_folder(), questions, gold_scorer(cfg.data)
+    )
     for key in EVAL_KEYS + GOLD_KEYS:
         assert key in metrics and math.isfinite(metrics[key]), key
     n = metrics["eval/num_questions"]
@@ -135,6 +165,7 @@ def test_sampling_is_reseeded_per_batch(tmp_path):
     assert texts(0) == first
     assert texts(1) != first
     assert len(first) == 3
+
 
 def test_kl_is_positive_for_a_sharper_policy(tmp_path):
     """Scaling the LM head sharpens the policy: its own samples then have higher log-prob than under the base."""
@@ -168,12 +199,29 @@ def _fake_ppo_artifact(folder: Path, steps: int = 25) -> None:
     (folder / "config.json").write_text("{}")
     with open(folder / "history.jsonl", "w") as fh:
         for s in range(1, steps + 1):
-            fh.write(json.dumps({"ppo/step": s, "env/reward_mean": 0.1 * s, "env/reward_std": 0.5,
-                                 "gold/score_mean": 1.0 - 0.02 * s, "objective/kl": 0.3 * s,
-                                 "objective/kl_coef": 0.2 * (1 + 0.01 * s)}) + "\n")
-    write_json_atomic(folder / "manifest.json", {"stage": "ppo", "key": folder.name, "created": "now",
-                                                 "build_seconds": 1.5,
-                                                 "metrics": {"ppo/reward_mean_end": 2.5, "objective/kl_end": 7.5}})
+            fh.write(
+                json.dumps(
+                    {
+                        "ppo/step": s,
+                        "env/reward_mean": 0.1 * s,
+                        "env/reward_std": 0.5,
+                        "gold/score_mean": 1.0 - 0.02 * s,
+                        "objective/kl": 0.3 * s,
+                        "objective/kl_coef": 0.2 * (1 + 0.01 * s),
+                    }
+                )
+                + "\n"
+            )
+    write_json_atomic(
+        folder / "manifest.json",
+        {
+            "stage": "ppo",
+            "key": folder.name,
+            "created": "now",
+            "build_seconds": 1.5,
+            "metrics": {"ppo/reward_mean_end": 2.5, "objective/kl_end": 7.5},
+        },
+    )
 
 
 def test_report_has_figures_artifacts_samples_and_plots(tmp_path):
@@ -184,29 +232,66 @@ def test_report_has_figures_artifacts_samples_and_plots(tmp_path):
     _fake_ppo_artifact(ppo)
     explicit = tmp_path / "given_model"
     explicit.mkdir()
-    records = [{"question": f"Q{i} | with a pipe\nand a line", "sft": f"sft answer {i}", "ppo": f"```ppo``` {i}",
-                "reward_sft": 0.1 * i, "reward_ppo": 0.2 * i, "gold_sft": 1.0, "gold_ppo": 1.5, "kl": 0.5}
-               for i in range(4)]
-    metrics = ev.summarize([[1, 2]] * 4, [r["ppo"] for r in records], [[3]] * 4, [r["sft"] for r in records],
-                           [r["reward_ppo"] for r in records], [r["reward_sft"] for r in records], [0.5] * 4,
-                           [r["gold_ppo"] for r in records], [r["gold_sft"] for r in records])
+    records = [
+        {
+            "question": f"Q{i} | with a pipe\nand a line",
+            "sft": f"sft answer {i}",
+            "ppo": f"```ppo``` {i}",
+            "reward_sft": 0.1 * i,
+            "reward_ppo": 0.2 * i,
+            "gold_sft": 1.0,
+            "gold_ppo": 1.5,
+            "kl": 0.5,
+        }
+        for i in range(4)
+    ]
+    metrics = ev.summarize(
+        [[1, 2]] * 4,
+        [r["ppo"] for r in records],
+        [[3]] * 4,
+        [r["sft"] for r in records],
+        [r["reward_ppo"] for r in records],
+        [r["reward_sft"] for r in records],
+        [0.5] * 4,
+        [r["gold_ppo"] for r in records],
+        [r["gold_sft"] for r in records],
+    )
     tracker = RecordingTracker()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    report = write_report(cfg, run_dir, metrics, records, {"ppo": ppo, "sft": explicit, "rm": explicit},
-                          {"ppo": False, "sft": True, "rm": True}, tracker)
+    report = write_report(
+        cfg,
+        run_dir,
+        metrics,
+        records,
+        {"ppo": ppo, "sft": explicit, "rm": explicit},
+        {"ppo": False, "sft": True, "rm": True},
+        tracker,
+    )
     text = report.read_text()
     assert report == run_dir / "report.md" and (run_dir / "report.html").exists()
-    for needle in ("eval/win_rate_vs_sft", "eval/gold_win_rate_vs_sft", "eval/kl_mean", "tiny-abc123", str(ppo),
-                   "ppo/reward_mean_end 2.500", "built now", "explicit path", "Q1 &#124; with a pipe<br>and a line"):
+    for needle in (
+        "eval/win_rate_vs_sft",
+        "eval/gold_win_rate_vs_sft",
+        "eval/kl_mean",
+        "tiny-abc123",
+        str(ppo),
+        "ppo/reward_mean_end 2.500",
+        "built now",
+        "explicit path",
+        "Q1 &#124; with a pipe<br>and a line",
+    ):
         assert needle in text, needle
     pngs = sorted(p.name for p in (run_dir / "figures").glob("*.png"))
     assert pngs == ["eval_scores.png", "ppo_kl.png", "ppo_reward.png"]
     for name in pngs:
         assert f"](figures/{name})" in text
         assert (run_dir / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    sample_lines = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")
-                    or line.startswith("| 3 |")]
+    sample_lines = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| 1 |") or line.startswith("| 2 |") or line.startswith("| 3 |")
+    ]
     assert len(sample_lines) == 2  # eval.num_samples_in_report
     assert [t[0] for t in tracker.tables] == ["eval/samples"] and len(tracker.tables[0][2]) == 2
     assert {n for n, _ in tracker.images} == {"eval/ppo_reward_curve", "eval/ppo_kl_curve", "eval/scores_sft_vs_ppo"}
@@ -218,8 +303,9 @@ def test_report_without_history_still_written(tmp_path):
     cfg = compose_cfg(TINY + [f"artifacts_dir={tmp_path}"])
     ppo = tmp_path / "policy"
     ppo.mkdir()
-    report = write_report(cfg, tmp_path, {"eval/win_rate_vs_sft": 0.5, "eval/num_questions": 0}, [],
-                          {"ppo": ppo, "sft": ppo, "rm": ppo})
+    report = write_report(
+        cfg, tmp_path, {"eval/win_rate_vs_sft": 0.5, "eval/num_questions": 0}, [], {"ppo": ppo, "sft": ppo, "rm": ppo}
+    )
     assert "no training curves" in report.read_text()
 
 
@@ -229,8 +315,14 @@ def test_report_without_history_still_written(tmp_path):
 def test_stage_eval_with_given_models(tmp_path):
     """stage=eval builds the PPO artifact it needs (from explicit SFT/RM models), then evaluates."""
     base = model_folder(compose_cfg(["model=tiny"]).model)
-    cfg = compose_cfg(TINY + [f"artifacts_dir={tmp_path / 'art'}", f"ppo.policy_path={base}",
-                              f"ppo.reward_model_path={tiny_reward_folder()}"])
+    cfg = compose_cfg(
+        TINY
+        + [
+            f"artifacts_dir={tmp_path / 'art'}",
+            f"ppo.policy_path={base}",
+            f"ppo.reward_model_path={tiny_reward_folder()}",
+        ]
+    )
     tracker = RecordingTracker()
     ctx = _ctx(tmp_path / "run", tracker)
     objective = ev.run(cfg, ctx)
@@ -253,10 +345,20 @@ def test_stage_eval_with_given_models(tmp_path):
 
 
 def _cli(args: list[str], run_dir: Path, timeout: int = 600) -> tuple[dict, str]:
-    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # see one_torch_thread
-    proc = subprocess.run([sys.executable, "-m", "stackllama", *args, f"hydra.run.dir={run_dir}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }  # see one_torch_thread
+    proc = subprocess.run(
+        [sys.executable, "-m", "stackllama", *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     log = proc.stdout + proc.stderr + ((run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else "")
     assert proc.returncode == 0, log[-6000:]
     return json.loads((run_dir / "metrics.json").read_text()), log

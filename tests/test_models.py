@@ -24,7 +24,9 @@ def _load(model: str, quant: str, kind: str = "causal_lm", lora: str = "default"
 @pytest.mark.parametrize("quant", QUANT)
 def test_policy_forward_backward(model, quant):
     net, tok = _load(model, quant)
-    batch = tok(["Question: why?\n\nAnswer: because", "Question: how?\n\nAnswer: so"], return_tensors="pt", padding=True)
+    batch = tok(
+        ["Question: why?\n\nAnswer: because", "Question: how?\n\nAnswer: so"], return_tensors="pt", padding=True
+    )
     out = net(**batch, labels=batch["input_ids"])
     assert torch.isfinite(out.loss)
     out.loss.backward()

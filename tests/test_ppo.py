@@ -27,12 +27,23 @@ QUESTIONS = [f"How do I keep batch {i} of my stout from tasting sour?" for i in 
 
 
 def _cfg(*overrides: str):
-    return compose_cfg([
-        "model=tiny", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.min_new_tokens=6",
-        "ppo.max_new_tokens=10", "ppo.sample_every=0", "ppo.save_every=0",
-        # the loop's own behaviour, independent of the embedded default's tuning
-        "ppo.temperature=1.0", "ppo.lam=0.95", "ppo.stop_at_eos=false", "ppo.score_normalize=none", *overrides,
-    ])
+    return compose_cfg(
+        [
+            "model=tiny",
+            "ppo.batch_size=8",
+            "ppo.mini_batch_size=4",
+            "ppo.min_new_tokens=6",
+            "ppo.max_new_tokens=10",
+            "ppo.sample_every=0",
+            "ppo.save_every=0",
+            # the loop's own behaviour, independent of the embedded default's tuning
+            "ppo.temperature=1.0",
+            "ppo.lam=0.95",
+            "ppo.stop_at_eos=false",
+            "ppo.score_normalize=none",
+            *overrides,
+        ]
+    )
 
 
 def _trainer(cfg, tmp_path: Path, seed: int = 0, mixed_precision: str = "no") -> PPOTrainer:
@@ -48,8 +59,9 @@ def _trainer(cfg, tmp_path: Path, seed: int = 0, mixed_precision: str = "no") ->
         return torch.tensor(out)
 
     prompts = PromptSource(QUESTIONS, [f"Question: {q}\n\nAnswer: " for q in QUESTIONS], tok, 64, seed)
-    return PPOTrainer(cfg.ppo, policy, tok, even_token_share, prompts, CPU, seed, tmp_path / "ckpt",
-                      mixed_precision=mixed_precision)
+    return PPOTrainer(
+        cfg.ppo, policy, tok, even_token_share, prompts, CPU, seed, tmp_path / "ckpt", mixed_precision=mixed_precision
+    )
 
 
 def test_response_mask_cuts_at_length_and_eos():
@@ -65,7 +77,9 @@ def test_batched_padded_forward_matches_single_examples():
     cfg = _cfg()
     torch.manual_seed(0)
     policy, tok = load_policy(cfg, model_folder(cfg.model), CPU)
-    queries = [tok(f"Question: {q}\n\nAnswer: ", add_special_tokens=False)["input_ids"] for q in ("short?", QUESTIONS[0])]
+    queries = [
+        tok(f"Question: {q}\n\nAnswer: ", add_special_tokens=False)["input_ids"] for q in ("short?", QUESTIONS[0])
+    ]
     ro = generate_rollout(policy.generation_model(), tok, ["a", "b"], queries, [7, 4], cfg.ppo, CPU)
     with torch.no_grad():
         hidden, head, _ = policy(ro.input_ids, ro.attention_mask, ro.query_len)
@@ -74,7 +88,7 @@ def test_batched_padded_forward_matches_single_examples():
             n = int(ro.response_mask[row].sum())
             ids = torch.tensor([q + ro.response_ids[row, :n].tolist()])
             single_logits = policy.response_logits(ids, torch.ones_like(ids), len(q))
-            single = core.logprobs_from_logits(single_logits, ids[:, len(q):])
+            single = core.logprobs_from_logits(single_logits, ids[:, len(q) :])
             torch.testing.assert_close(batched[row, :n], single[0], atol=1e-4, rtol=1e-4)
     assert ro.response_mask.sum(1).tolist() == [7, 4]
     # masked positions hold padding, never sampled tokens
@@ -103,8 +117,9 @@ def test_reference_is_the_policy_with_adapters_off():
 def exact_kl_to_reference(trainer: PPOTrainer) -> float:
     """Full-vocabulary KL(policy || reference) per token on fixed text (no sampling noise)."""
     tok, policy = trainer.tokenizer, trainer.policy
-    enc = tok([f"Question: {q}\n\nAnswer: it depends on the yeast" for q in QUESTIONS[:6]],
-              return_tensors="pt", padding=True)
+    enc = tok(
+        [f"Question: {q}\n\nAnswer: it depends on the yeast" for q in QUESTIONS[:6]], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         logits = policy.response_logits(enc.input_ids, enc.attention_mask, 1)
         ref = policy.reference_logits(enc.input_ids, enc.attention_mask, 1)
@@ -132,8 +147,9 @@ def test_large_kl_coef_keeps_policy_at_reference(tmp_path):
 
 
 def test_adaptive_controller_moves_beta(tmp_path):
-    cfg = _cfg("ppo.steps=2", "ppo.kl_coef=null", "ppo.target=0.001", "ppo.horizon=100", "ppo.learning_rate=1e-3",
-               "lora=none")
+    cfg = _cfg(
+        "ppo.steps=2", "ppo.kl_coef=null", "ppo.target=0.001", "ppo.horizon=100", "ppo.learning_rate=1e-3", "lora=none"
+    )
     hist = _trainer(cfg, tmp_path).train()
     beta0, beta1 = hist[0]["objective/kl_coef"], hist[1]["objective/kl_coef"]
     kl0 = hist[0]["objective/kl"]
@@ -152,8 +168,15 @@ def test_bf16_autocast_rounds_the_backbone_but_not_the_log_probs(tmp_path):
     idx = list(range(8))
     torch.manual_seed(0)
     with precision.autocast("bf16", CPU):
-        ro = generate_rollout(bf16.policy.generation_model(), bf16.tokenizer, [QUESTIONS[i] for i in idx],
-                              [bf16.prompts.query_ids[i] for i in idx], [8] * 8, cfg.ppo, CPU)
+        ro = generate_rollout(
+            bf16.policy.generation_model(),
+            bf16.tokenizer,
+            [QUESTIONS[i] for i in idx],
+            [bf16.prompts.query_ids[i] for i in idx],
+            [8] * 8,
+            cfg.ppo,
+            CPU,
+        )
     for trainer in (fp32, bf16):  # the value head starts at zero: give it weights, so values differ too
         torch.manual_seed(1)
         torch.nn.init.normal_(trainer.policy.v_head.weight, std=0.05)
@@ -189,15 +212,31 @@ def test_cli_resume_after_kill(tmp_path):
     """SIGKILL the CLI after its first checkpoint; the same command resumes from it."""
     folder = model_folder(compose_cfg(["model=tiny"]).model)
     cmd = [
-        sys.executable, "-m", "stackllama", "stage=ppo", "model=tiny", "logger=none",
-        f"artifacts_dir={tmp_path / 'art'}", f"ppo.policy_path={folder}",
+        sys.executable,
+        "-m",
+        "stackllama",
+        "stage=ppo",
+        "model=tiny",
+        "logger=none",
+        f"artifacts_dir={tmp_path / 'art'}",
+        f"ppo.policy_path={folder}",
         f"ppo.reward_model_path={tiny_reward_folder()}",
-        "ppo.steps=8", "ppo.save_every=2", "ppo.batch_size=4", "ppo.mini_batch_size=2",
-        "ppo.min_new_tokens=4", "ppo.max_new_tokens=8", "data.synthetic.num_questions=60",
+        "ppo.steps=8",
+        "ppo.save_every=2",
+        "ppo.batch_size=4",
+        "ppo.mini_batch_size=2",
+        "ppo.min_new_tokens=4",
+        "ppo.max_new_tokens=8",
+        "data.synthetic.num_questions=60",
     ]
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(cmd + [f"hydra.run.dir={tmp_path / 'run1'}"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + [f"hydra.run.dir={tmp_path / 'run1'}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     pointer = None
     while time.time() < deadline and proc.poll() is None:
@@ -211,8 +250,9 @@ def test_cli_resume_after_kill(tmp_path):
     assert pointer is not None, "no checkpoint appeared before the deadline"
     assert not list((tmp_path / "art" / "ppo").glob("*/manifest.json")), "a killed run left a trusted artifact"
     step_at_kill = json.loads(pointer.read_text())["step"]
-    done = subprocess.run(cmd + [f"hydra.run.dir={tmp_path / 'run2'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        cmd + [f"hydra.run.dir={tmp_path / 'run2'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "run2" / "metrics.json").read_text())
     assert metrics["ppo/resumed_from_step"] == step_at_kill

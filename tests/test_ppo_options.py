@@ -28,11 +28,22 @@ QUERIES = [f"Question: {q}\n\nAnswer: " for q in QUESTIONS]
 
 
 def _cfg(*overrides: str):
-    return compose_cfg([
-        "model=tiny", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.min_new_tokens=6",
-        "ppo.max_new_tokens=10", "ppo.sample_every=0", "ppo.save_every=0", "ppo.stop_at_eos=false",
-        "ppo.temperature=1.0", "ppo.kl_coef=0.0", "ppo.lora_top_layers=null", *overrides,
-    ])
+    return compose_cfg(
+        [
+            "model=tiny",
+            "ppo.batch_size=8",
+            "ppo.mini_batch_size=4",
+            "ppo.min_new_tokens=6",
+            "ppo.max_new_tokens=10",
+            "ppo.sample_every=0",
+            "ppo.save_every=0",
+            "ppo.stop_at_eos=false",
+            "ppo.temperature=1.0",
+            "ppo.kl_coef=0.0",
+            "ppo.lora_top_layers=null",
+            *overrides,
+        ]
+    )
 
 
 def _policy(cfg, logit_scale: float = 1.0, eos_boost: float = 0.0):
@@ -62,13 +73,13 @@ def _trainer(cfg, policy, tok, scorer, tmp_path: Path) -> PPOTrainer:
 def test_ppo_raises_a_programmatic_reward(tmp_path):
     """One-token answers to 24 prompts, reward 1 for one token (the likeliest first token, p ~ 0.15
     at the start): 30 PPO steps of full fine-tuning lift the reward clearly (to ~0.95)."""
-    cfg = _cfg("lora=none", "ppo.steps=30", "ppo.learning_rate=1e-3", "ppo.min_new_tokens=1",
-               "ppo.max_new_tokens=2")
+    cfg = _cfg("lora=none", "ppo.steps=30", "ppo.learning_rate=1e-3", "ppo.min_new_tokens=1", "ppo.max_new_tokens=2")
     policy, tok = _policy(cfg, logit_scale=8.0)
     prompts = PromptSource(QUESTIONS, QUERIES, tok, 64, 0)
     with torch.no_grad():
-        first = torch.stack([policy.lm(input_ids=torch.tensor([q])).logits[0, -1].softmax(-1)
-                             for q in prompts.query_ids]).mean(0)  # (V,) mean first-token distribution
+        first = torch.stack(
+            [policy.lm(input_ids=torch.tensor([q])).logits[0, -1].softmax(-1) for q in prompts.query_ids]
+        ).mean(0)  # (V,) mean first-token distribution
     target = tok.decode([int(first.argmax())])
     p0 = float(first.max())
 
@@ -110,7 +121,7 @@ def test_stop_at_eos_ends_responses_and_penalizes_the_ones_without(tmp_path):
         for row, ended in enumerate(ro.ended.tolist()):
             n = int(ro.response_mask[row].sum())
             assert ended == (int(ro.response_ids[row, n - 1]) == tok.eos_token_id)  # EOS kept, as the last token
-            assert (ro.response_ids[row, :n - 1] != tok.eos_token_id).all()  # cut at the first EOS
+            assert (ro.response_ids[row, : n - 1] != tok.eos_token_id).all()  # cut at the first EOS
             assert ended or n == 8  # a response without EOS runs to its sampled length
         assert bool(ro.ended.any()) == some_end, ro.ended
 
@@ -147,10 +158,16 @@ def test_trainer_scores_tokens_under_the_sampling_temperature(tmp_path):
     ro = generate_rollout(policy.generation_model(), tok, QUESTIONS[:4], ids, [5] * 4, cfg.ppo, CPU)
     logprobs, _, ref_logprobs, _ = trainer._forward_no_grad(ro)
     with torch.no_grad():
-        logits = policy.lm(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
-                           position_ids=(ro.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
-        expected = torch.log_softmax(logits[:, ro.query_len - 1:-1] / 0.5, -1).gather(
-            -1, ro.response_ids.unsqueeze(-1)).squeeze(-1)
+        logits = policy.lm(
+            input_ids=ro.input_ids,
+            attention_mask=ro.attention_mask,
+            position_ids=(ro.attention_mask.cumsum(-1) - 1).clamp(min=0),
+        ).logits
+        expected = (
+            torch.log_softmax(logits[:, ro.query_len - 1 : -1] / 0.5, -1)
+            .gather(-1, ro.response_ids.unsqueeze(-1))
+            .squeeze(-1)
+        )
     torch.testing.assert_close(logprobs, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ref_logprobs, expected, atol=1e-4, rtol=1e-4)  # adapters start at zero
 
@@ -262,8 +279,9 @@ def test_mixed_precision_auto_follows_the_hardware(monkeypatch, tmp_path):
         monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda fast=fast: fast)
         assert precision.resolve("auto", CPU) == expected
         assert precision.resolve("no", CPU) == "no" and precision.resolve("bf16", CPU) == "bf16"  # explicit wins
-        cfg = compose_cfg(["model=tiny", "mixed_precision=auto", "ppo.mixed_precision=auto",
-                           f"artifacts_dir={tmp_path}"])
+        cfg = compose_cfg(
+            ["model=tiny", "mixed_precision=auto", "ppo.mixed_precision=auto", f"artifacts_dir={tmp_path}"]
+        )
         key_auto = artifacts.stage_key("sft", cfg)
         resolve_precision(cfg, CPU)
         assert cfg.mixed_precision == expected and cfg.ppo.mixed_precision == expected
@@ -284,8 +302,17 @@ def test_window_stats_pool_every_episode():
     episodes = np.array([1.0, 1.0, 3.0, 3.0])
     assert mean == pytest.approx(episodes.mean())
     assert stderr == pytest.approx(episodes.std(ddof=1) / 2.0)
-    history = [{"env/reward_mean": float(i), "env/reward_std": 1.0, "env/episodes": 8.0, "objective/kl": 0.0,
-                "objective/kl_coef": 0.1, "ppo/skipped_batches": 0.0} for i in range(20)]
+    history = [
+        {
+            "env/reward_mean": float(i),
+            "env/reward_std": 1.0,
+            "env/episodes": 8.0,
+            "objective/kl": 0.0,
+            "objective/kl_coef": 0.1,
+            "ppo/skipped_batches": 0.0,
+        }
+        for i in range(20)
+    ]
     out = summarize(history)
     assert out["ppo/reward_mean_start"] == pytest.approx(0.5) and out["ppo/reward_mean_end"] == pytest.approx(18.5)
     assert 0 < out["ppo/reward_mean_start_stderr"] < 1
@@ -296,8 +323,13 @@ def test_frozen_prefix_cache_changes_nothing_but_the_work(tmp_path):
     reused by the reference pass and the PPO epochs; the figures equal a run that recomputes it."""
     runs = {}
     for cache in (True, False):
-        cfg = _cfg("lora=default", "lora.top_layers=1", "ppo.steps=2", "ppo.learning_rate=1e-3",
-                   f"ppo.cache_frozen_prefix={str(cache).lower()}")
+        cfg = _cfg(
+            "lora=default",
+            "lora.top_layers=1",
+            "ppo.steps=2",
+            "ppo.learning_rate=1e-3",
+            f"ppo.cache_frozen_prefix={str(cache).lower()}",
+        )
         torch.manual_seed(0)
         policy, tok = load_policy(cfg, model_folder(cfg.model), CPU)
         assert policy.prefix_layers == (1 if cache else 0)

@@ -46,8 +46,14 @@ def _tiny(*overrides: str):
 # --------------------------------------------------------------------------- non-finite guards (row 1)
 
 
-PPO_QUICK = ["ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.min_new_tokens=4", "ppo.max_new_tokens=9",
-             "ppo.sample_every=0", "ppo.save_every=0"]
+PPO_QUICK = [
+    "ppo.batch_size=4",
+    "ppo.mini_batch_size=2",
+    "ppo.min_new_tokens=4",
+    "ppo.max_new_tokens=9",
+    "ppo.sample_every=0",
+    "ppo.save_every=0",
+]
 
 
 def _all_finite(folder: Path) -> bool:
@@ -58,11 +64,15 @@ def _all_finite(folder: Path) -> bool:
     return bool(tensors) and all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
-@pytest.mark.parametrize("overrides,outcome", [
-    (["ppo.steps=1"], "finite"),
-    (["ppo.steps=1", "++ppo.max_nonfinite_skips=1"], "nothing"),
-    (["ppo.steps=4"], "nothing"),
-], ids=["issue_command", "stop_at_first", "repeated"])
+@pytest.mark.parametrize(
+    "overrides,outcome",
+    [
+        (["ppo.steps=1"], "finite"),
+        (["ppo.steps=1", "++ppo.max_nonfinite_skips=1"], "nothing"),
+        (["ppo.steps=4"], "nothing"),
+    ],
+    ids=["issue_command", "stop_at_first", "repeated"],
+)
 def test_nan_producing_ppo_run_never_publishes_non_finite_weights(tmp_path, overrides, outcome):
     """The issue's ``ppo.learning_rate=1e4 ppo.steps=1``: an update's gradient norm goes inf and
     clipping by it made every trained weight NaN; the run completed and published them. Now that
@@ -71,8 +81,14 @@ def test_nan_producing_ppo_run_never_publishes_non_finite_weights(tmp_path, over
     with an error and publishes nothing."""
     from stackllama.stages import get_builder
 
-    cfg = _tiny(f"artifacts_dir={tmp_path / 'art'}", f"ppo.policy_path={model_folder(_tiny().model)}",
-                f"ppo.reward_model_path={tiny_reward_folder()}", "ppo.learning_rate=1e4", *PPO_QUICK, *overrides)
+    cfg = _tiny(
+        f"artifacts_dir={tmp_path / 'art'}",
+        f"ppo.policy_path={model_folder(_tiny().model)}",
+        f"ppo.reward_model_path={tiny_reward_folder()}",
+        "ppo.learning_rate=1e4",
+        *PPO_QUICK,
+        *overrides,
+    )
     ctx = _ctx(tmp_path / "run")
     if outcome == "nothing":
         with pytest.raises(FloatingPointError, match=r"PPO diverged .*NaN/inf loss or gradient .*nothing is published"):
@@ -88,8 +104,10 @@ def test_store_refuses_to_publish_non_finite_weights(tmp_path):
     from safetensors.torch import save_file
 
     def nan_build(cfg, ctx, work_dir, out_dir):
-        save_file({"lm.weight": torch.ones(4, 4), "score.weight": torch.tensor([[1.0, float("nan")]])},
-                  str(Path(out_dir) / "model.safetensors"))
+        save_file(
+            {"lm.weight": torch.ones(4, 4), "score.weight": torch.tensor([[1.0, float("nan")]])},
+            str(Path(out_dir) / "model.safetensors"),
+        )
         torch.save({"summary.weight": torch.ones(3)}, Path(out_dir) / "value_head.pt")
         return {"train/loss": 1.0}
 
@@ -123,6 +141,7 @@ def _ppo_trainer(tmp_path: Path, scorer, *overrides: str):
 def test_non_finite_losses_are_skipped_counted_and_end_the_run(tmp_path):
     """A reward model answering NaN makes every loss NaN: no update lands (weights unchanged and
     finite), each is counted, and ppo.max_nonfinite_skips of them in a row end the run."""
+
     def nan_scores(questions, answers):
         return torch.full((len(answers),), float("nan"))
 
@@ -140,7 +159,8 @@ def test_non_finite_losses_are_skipped_counted_and_end_the_run(tmp_path):
 
 def test_a_nan_ratio_is_skipped_like_one_above_the_threshold(tmp_path, monkeypatch):
     """``ratio_mean > ratio_threshold`` is False for NaN, so the guard never fired for it."""
-    from stackllama.ppo import core, trainer as trainer_module
+    from stackllama.ppo import core
+    from stackllama.ppo import trainer as trainer_module
 
     real = core.policy_loss
 
@@ -149,8 +169,9 @@ def test_a_nan_ratio_is_skipped_like_one_above_the_threshold(tmp_path, monkeypat
         return loss, {**stats, "ratio_mean": torch.tensor(float("nan"))}
 
     monkeypatch.setattr(trainer_module.core, "policy_loss", nan_ratio)
-    trainer = _ppo_trainer(tmp_path, lambda q, a: torch.zeros(len(a)), "ppo.steps=1", "ppo.ppo_epochs=1",
-                           "ppo.max_nonfinite_skips=10")
+    trainer = _ppo_trainer(
+        tmp_path, lambda q, a: torch.zeros(len(a)), "ppo.steps=1", "ppo.ppo_epochs=1", "ppo.max_nonfinite_skips=10"
+    )
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
     stats = trainer.train()[0]
     assert stats["ppo/skipped_batches"] == 2 and stats["ppo/skipped_nonfinite"] == 2
@@ -161,18 +182,36 @@ def test_a_nan_ratio_is_skipped_like_one_above_the_threshold(tmp_path, monkeypat
 
 
 def _sft_cli(tmp_path: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "stackllama", "stage=sft", "model=tiny", "logger=none",
-            "data.synthetic.num_questions=60", "sft.seq_length=64", "sft.eval_size=8", "sft.warmup_steps=0",
-            "sft.num_sample_generations=0", f"artifacts_dir={tmp_path / 'art'}", f"hydra.run.dir={tmp_path / 'run'}",
-            *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "stackllama",
+        "stage=sft",
+        "model=tiny",
+        "logger=none",
+        "data.synthetic.num_questions=60",
+        "sft.seq_length=64",
+        "sft.eval_size=8",
+        "sft.warmup_steps=0",
+        "sft.num_sample_generations=0",
+        f"artifacts_dir={tmp_path / 'art'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *overrides,
+    ]
 
 
 def test_sigterm_during_sft_leaves_run_status_interrupted(tmp_path):
     """SIGTERM (Slurm preemption, a time limit) mid-training: metrics.json says interrupted with the
     signal, the process exits 143 (128 + SIGTERM), the checkpoints stay and nothing is published."""
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(_sft_cli(tmp_path, "sft.max_steps=10000", "sft.save_steps=1", "sft.logging_steps=1"),
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _sft_cli(tmp_path, "sft.max_steps=10000", "sft.save_steps=1", "sft.logging_steps=1"),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -254,9 +293,17 @@ def test_sweep_report_shows_an_interrupted_job(tmp_path):
 # --------------------------------------------------------------------------- SFT resume (row 8)
 
 
-SFT_QUICK = ["sft.seq_length=64", "sft.batch_size=4", "sft.eval_size=8", "sft.learning_rate=1e-2",
-             "sft.warmup_steps=0", "sft.logging_steps=1", "sft.num_sample_generations=0", "sft.max_steps=2",
-             "sft.save_steps=2"]
+SFT_QUICK = [
+    "sft.seq_length=64",
+    "sft.batch_size=4",
+    "sft.eval_size=8",
+    "sft.learning_rate=1e-2",
+    "sft.warmup_steps=0",
+    "sft.logging_steps=1",
+    "sft.num_sample_generations=0",
+    "sft.max_steps=2",
+    "sft.save_steps=2",
+]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -303,8 +350,9 @@ def test_packaged_gguf_stands_in_for_its_own_model_only(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = compose_cfg(["model=smollm2-135m"]).model
     empty_cache = str(tmp_path / "cache")
-    kind, path = locate_model(model.name_or_path, empty_cache, model.gguf_package, model.gguf_file,
-                              1.0, model.gguf_source)
+    kind, path = locate_model(
+        model.name_or_path, empty_cache, model.gguf_package, model.gguf_file, 1.0, model.gguf_source
+    )
     assert kind == "gguf" and path.name == model.gguf_file
     # a conversion cached under another name (what the old fallback left behind) is not trusted either
     stale = tmp_path / "cache" / "someone--SmolLM2-1.7B"
@@ -312,8 +360,7 @@ def test_packaged_gguf_stands_in_for_its_own_model_only(tmp_path, monkeypatch):
     (stale / "config.json").write_text("{}")
     (stale / ".stackllama_complete").write_text("ok\n")
     with pytest.raises(FileNotFoundError, match="not used: it is a copy of HuggingFaceTB/SmolLM2-135M-Instruct"):
-        locate_model("someone/SmolLM2-1.7B", empty_cache, model.gguf_package, model.gguf_file, 1.0,
-                     model.gguf_source)
+        locate_model("someone/SmolLM2-1.7B", empty_cache, model.gguf_package, model.gguf_file, 1.0, model.gguf_source)
 
 
 def test_reward_scorer_refuses_a_causal_lm_folder():

@@ -89,7 +89,8 @@ def test_left_and_right_padding_give_the_same_scores():
     for side in ("left", "right"):
         for bs in (1, 2, 16):
             scores[side, bs] = RewardScorer(model, tok, TEMPLATE, batch_size=bs, padding_side=side).score(
-                QUESTIONS, ANSWERS)
+                QUESTIONS, ANSWERS
+            )
     ref = scores["right", 1]
     assert ref.dtype == torch.float32 and ref.shape == (len(QUESTIONS),)
     for key, value in scores.items():
@@ -162,9 +163,18 @@ def test_reward_model_with_its_own_tokenizer(tmp_path):
 
     tok = _word_level_tokenizer([format_text(TEMPLATE, q, a) for q, a in zip(QUESTIONS, ANSWERS)])
     assert tok.pad_token_id != tok.eos_token_id
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config).eval()
     torch.nn.init.normal_(model.score.weight, std=1.0)  # spread the scores out
@@ -188,8 +198,9 @@ def test_reward_model_with_its_own_tokenizer(tmp_path):
             torch.testing.assert_close(got, manual, atol=1e-5, rtol=1e-5)
     # Batch composition: a shuffled, duplicated batch gives each pair the same score.
     order = [4, 0, 2, 2, 1, 3, 0]
-    got = RewardScorer(model, tok, TEMPLATE, batch_size=3).score([QUESTIONS[i] for i in order],
-                                                                  [ANSWERS[i] for i in order])
+    got = RewardScorer(model, tok, TEMPLATE, batch_size=3).score(
+        [QUESTIONS[i] for i in order], [ANSWERS[i] for i in order]
+    )
     torch.testing.assert_close(got, manual[order], atol=1e-5, rtol=1e-5)
 
     # Saved as a folder with its tokenizer, loaded back through from_pretrained.
@@ -267,8 +278,9 @@ def test_too_long_pairs_are_dropped_and_counted():
     def too_long(q, a):
         return len(encode_reward_texts(tok, [format_text(TEMPLATE, q, a)])[0]) > max_length
 
-    expected = sum(too_long(q, c) or too_long(q, r) for q, c, r in zip(rows["question"], rows["chosen"],
-                                                                     rows["rejected"]))
+    expected = sum(
+        too_long(q, c) or too_long(q, r) for q, c, r in zip(rows["question"], rows["chosen"], rows["rejected"])
+    )
     assert 0 < expected < 40
     cols, dropped, examined = encode_train_pairs(data, tok, TEMPLATE, max_length, None, seed=0, chunk=7)
     assert (dropped, examined) == (expected, 40)
@@ -291,7 +303,7 @@ def test_grouped_pair_sampler_is_a_shuffled_permutation_of_similar_length_batche
     first, second = list(sampler), list(sampler)
     assert sorted(first) == list(range(37)) and sorted(second) == list(range(37))
     assert first != second  # a new batch order each epoch
-    batches = [first[i:i + 4] for i in range(0, 37, 4)]
+    batches = [first[i : i + 4] for i in range(0, 37, 4)]
     spread = sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches)
     assert spread < 0.25 * sum(max(lengths) - min(lengths) for _ in batches)
     assert [lengths[b[0]] for b in batches] != sorted(lengths[b[0]] for b in batches)  # not long-to-short
@@ -323,8 +335,9 @@ def test_dedup_collator_gives_trl_s_pair_rewards_with_fewer_forwards():
 
     _, folder = _tiny()
     tok = load_tokenizer(folder, padding_side="right")
-    model = load_model(folder, "seq_cls", compose_cfg(["model=tiny"]).quantization, None, tokenizer=tok,
-                       trainable=False)
+    model = load_model(
+        folder, "seq_cls", compose_cfg(["model=tiny"]).quantization, None, tokenizer=tok, trainable=False
+    )
     ids = encode_reward_texts(tok, [format_text(TEMPLATE, QUESTIONS[0], a) for a in ANSWERS])
     # question 0's answers ranked 0 > 1 > 2 and 3 > 4: 4 pairs over 5 texts (TRL forwards 8)
     examples = [{"chosen_ids": ids[c], "rejected_ids": ids[r]} for c, r in [(0, 1), (0, 2), (1, 2), (3, 4)]]
@@ -361,10 +374,19 @@ def test_dedup_collator_gives_trl_s_pair_rewards_with_fewer_forwards():
 
 def _stage_cfg(tmp_path: Path, folder: Path | None, extra: list[str] = ()):
     overrides = [
-        "model=tiny", "logger=none", "stage=rm", f"artifacts_dir={tmp_path / 'artifacts'}",
+        "model=tiny",
+        "logger=none",
+        "stage=rm",
+        f"artifacts_dir={tmp_path / 'artifacts'}",
         "data.synthetic.num_questions=200",
-        "rm.max_train_pairs=16", "rm.max_eval_pairs=12", "rm.batch_size=4", "rm.eval_batch_size=8",
-        "rm.max_length=96", "rm.logging_steps=2", "rm.learning_rate=1e-3", *extra,
+        "rm.max_train_pairs=16",
+        "rm.max_eval_pairs=12",
+        "rm.batch_size=4",
+        "rm.eval_batch_size=8",
+        "rm.max_length=96",
+        "rm.logging_steps=2",
+        "rm.learning_rate=1e-3",
+        *extra,
     ]
     if folder is not None:
         overrides.append(f"rm.model_path={folder}")
@@ -380,10 +402,20 @@ def test_rm_stage_metrics_and_artifact(tmp_path):
     ctx = _ctx(tmp_path)
     objective = rm.run(cfg, ctx)
     m = ctx.metrics.values
-    for key in ("eval/accuracy", "eval/margin", "eval/gold_accuracy", "eval/accuracy_before", "data/train_pairs",
-                "data/eval_pairs", "data/dropped_too_long", "train/loss", "train/seconds", "data/reward_pairs",
-                "eval/longer_wins_accuracy",
-                "eval/merge_max_abs_diff"):
+    for key in (
+        "eval/accuracy",
+        "eval/margin",
+        "eval/gold_accuracy",
+        "eval/accuracy_before",
+        "data/train_pairs",
+        "data/eval_pairs",
+        "data/dropped_too_long",
+        "train/loss",
+        "train/seconds",
+        "data/reward_pairs",
+        "eval/longer_wins_accuracy",
+        "eval/merge_max_abs_diff",
+    ):
         assert key in m, key
     assert objective == m["eval/accuracy"]
     assert 0.0 <= m["eval/accuracy"] <= 1.0 and 0.5 < m["eval/gold_accuracy"] <= 1.0
@@ -451,9 +483,21 @@ def test_rm_stage_builds_on_the_sft_artifact(tmp_path):
         get_builder("sft")
     except NotImplementedError:
         pytest.skip("the sft stage is not implemented yet")
-    cfg = _stage_cfg(tmp_path, None, ["sft.max_steps=2", "sft.batch_size=2", "sft.seq_length=64",
-                                      "sft.eval_size=4", "sft.save_steps=2", "sft.num_sample_generations=0",
-                                      "sft.max_train_texts=16", "rm.max_train_pairs=8", "rm.max_eval_pairs=8"])
+    cfg = _stage_cfg(
+        tmp_path,
+        None,
+        [
+            "sft.max_steps=2",
+            "sft.batch_size=2",
+            "sft.seq_length=64",
+            "sft.eval_size=4",
+            "sft.save_steps=2",
+            "sft.num_sample_generations=0",
+            "sft.max_train_texts=16",
+            "rm.max_train_pairs=8",
+            "rm.max_eval_pairs=8",
+        ],
+    )
     ctx = _ctx(tmp_path)
     rm.run(cfg, ctx)
     m = ctx.metrics.values
@@ -491,8 +535,9 @@ def test_gradient_checkpointing_setting_reaches_the_trainers(tmp_path, enabled):
     from stackllama.stages.rm import reward_config
     from stackllama.stages.sft import training_args
 
-    cfg = compose_cfg(["model=tiny", "logger=none", f"rm.gradient_checkpointing={enabled}",
-                       f"sft.gradient_checkpointing={enabled}"])
+    cfg = compose_cfg(
+        ["model=tiny", "logger=none", f"rm.gradient_checkpointing={enabled}", f"sft.gradient_checkpointing={enabled}"]
+    )
     ctx = _ctx(tmp_path)
     for args in (reward_config(cfg, ctx, tmp_path), training_args(cfg, ctx, tmp_path)):
         assert args.gradient_checkpointing is enabled, type(args).__name__
@@ -502,10 +547,15 @@ def test_gradient_checkpointing_setting_reaches_the_trainers(tmp_path, enabled):
 def test_min_pm_margin_trains_only_on_clear_pairs_and_counts_the_rest():
     from stackllama.stages.rm import clear_pairs
 
-    pairs = datasets.Dataset.from_dict({
-        "question": ["q"] * 4, "chosen": ["a", "b", "c", "d"], "rejected": ["w", "x", "y", "z"],
-        "chosen_pm": [3, 2, 5, 1], "rejected_pm": [2, 0, 1, 0],
-    })
+    pairs = datasets.Dataset.from_dict(
+        {
+            "question": ["q"] * 4,
+            "chosen": ["a", "b", "c", "d"],
+            "rejected": ["w", "x", "y", "z"],
+            "chosen_pm": [3, 2, 5, 1],
+            "rejected_pm": [2, 0, 1, 0],
+        }
+    )
     assert len(clear_pairs(pairs, 1)) == 4  # the default: every pair
     kept = clear_pairs(pairs, 2)
     assert kept["chosen"] == ["b", "c"]

@@ -68,8 +68,14 @@ def _env() -> dict[str, str]:
 
 def _cli(tmp_path: Path, run: str, *overrides: str) -> list[str]:
     return [
-        sys.executable, "-m", "stackllama", "stage=sft", *QUICK,
-        f"artifacts_dir={tmp_path / 'artifacts'}", f"hydra.run.dir={tmp_path / run}", *overrides,
+        sys.executable,
+        "-m",
+        "stackllama",
+        "stage=sft",
+        *QUICK,
+        f"artifacts_dir={tmp_path / 'artifacts'}",
+        f"hydra.run.dir={tmp_path / run}",
+        *overrides,
     ]
 
 
@@ -132,8 +138,15 @@ def test_settings_outside_the_key_do_not_change_the_model(tmp_path):
 
     from stackllama.artifacts import stage_key
 
-    observed = ["sft.logging_steps=1", "sft.save_steps=2", "sft.save_total_limit=1", "sft.eval_batch_size=3",
-                "sft.num_sample_generations=1", "sft.sample_max_new_tokens=4", "sft.resume=false"]
+    observed = [
+        "sft.logging_steps=1",
+        "sft.save_steps=2",
+        "sft.save_total_limit=1",
+        "sft.eval_batch_size=3",
+        "sft.num_sample_generations=1",
+        "sft.sample_max_new_tokens=4",
+        "sft.resume=false",
+    ]
     cfg_a, folder_a, _ = _build_in_process(tmp_path / "a", "sft.max_steps=3")
     cfg_b, folder_b, _ = _build_in_process(tmp_path / "b", "sft.max_steps=3", *observed)
     assert stage_key("sft", cfg_a) == stage_key("sft", cfg_b)
@@ -145,8 +158,9 @@ def test_full_finetune_without_packing_counts_padding(tmp_path):
     """lora=none trains every weight and saves the model itself; unpacked batches pad."""
     from transformers import AutoModelForCausalLM
 
-    _, folder, metrics = _build_in_process(tmp_path, "lora=none", "sft.packing=false", "sft.max_steps=3",
-                                           "sft.learning_rate=1e-3")
+    _, folder, metrics = _build_in_process(
+        tmp_path, "lora=none", "sft.packing=false", "sft.max_steps=3", "sft.learning_rate=1e-3"
+    )
     assert metrics["params/trainable"] == metrics["params/total"]
     assert 0 < metrics["train/padding_fraction"] < 1
     assert metrics["eval/perplexity"] < metrics["eval/perplexity_before"]
@@ -200,8 +214,14 @@ def test_quantized_lora_merges_into_plain_model(tmp_path, quant):
         "base": AutoModelForCausalLM.from_pretrained(str(base_path)),
         "qbase": quantized(),
     }
-    batch = tok(["Question: How do I sort a list?\n\nAnswer: Use sorted(xs, key=f).",
-                 "Question: Why?\n\nAnswer: because it is"], return_tensors="pt", padding=True)
+    batch = tok(
+        [
+            "Question: How do I sort a list?\n\nAnswer: Use sorted(xs, key=f).",
+            "Question: Why?\n\nAnswer: because it is",
+        ],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         logits = {name: m.eval()(**batch).logits for name, m in models.items()}
     mask = batch["attention_mask"].bool()
@@ -223,8 +243,11 @@ def test_resume_after_kill(tmp_path):
     """SIGKILL the CLI once a checkpoint is complete; the same command resumes from it."""
     overrides = ("sft.max_steps=16", "sft.save_steps=2", "sft.logging_steps=1")
     proc = subprocess.Popen(
-        _cli(tmp_path, "first", *overrides), cwd=REPO, env=_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _cli(tmp_path, "first", *overrides),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 240
     try:
@@ -286,7 +309,9 @@ def test_perplexity_ignores_padding_and_batching():
 def test_token_counting_collator():
     from stackllama.sft_utils import TokenCountingCollator
 
-    padded = TokenCountingCollator(lambda ex: {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])})
+    padded = TokenCountingCollator(
+        lambda ex: {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    )
     padded([{}])
     assert (padded.real_tokens, padded.total_tokens, padded.padding_fraction) == (6, 8, 0.25)
     free = TokenCountingCollator(lambda ex: {"input_ids": torch.zeros(1, 9), "position_ids": torch.zeros(1, 9)})

@@ -20,8 +20,16 @@ from stackllama import task
 from tests.conftest import compose_cfg
 
 SITES = ["audio.stackexchange.com", "beer.stackexchange.com"]
-SHORT = ["model=tiny", "logger=none", "sft.max_steps=2", "rm.max_steps=2", "ppo.steps=1", "eval.max_new_tokens=8",
-         "sft.num_sample_generations=1", "sft.sample_max_new_tokens=8"]
+SHORT = [
+    "model=tiny",
+    "logger=none",
+    "sft.max_steps=2",
+    "rm.max_steps=2",
+    "ppo.steps=1",
+    "eval.max_new_tokens=8",
+    "sft.num_sample_generations=1",
+    "sft.sample_max_new_tokens=8",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -29,8 +37,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.mark.parametrize("site", SITES, ids=["audio", "beer"])
 def test_stage_all_runs_on_a_small_dump_with_the_embedded_settings(site, shared_data, tmp_path, monkeypatch, caplog):
-    cfg = compose_cfg([*SHORT, "stage=all", "data=stackexchange_dump", f"data.path={shared_data / site}",
-                       f"artifacts_dir={tmp_path / 'art'}"])
+    cfg = compose_cfg(
+        [
+            *SHORT,
+            "stage=all",
+            "data=stackexchange_dump",
+            f"data.path={shared_data / site}",
+            f"artifacts_dir={tmp_path / 'art'}",
+        ]
+    )
     cap, fraction = int(cfg.sft.eval_size), float(cfg.sft.eval_fraction)  # the embedded default's hold-out
     monkeypatch.setattr(task, "_hydra_info", lambda cfg=None: task.JobInfo(tmp_path / "run", False, None, "t", [], []))
     with caplog.at_level("INFO", logger="stackllama"):

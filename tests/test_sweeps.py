@@ -32,7 +32,8 @@ TINY_EXPERIMENT = """\
 # The recipe at toy scale (tests): each stage takes seconds on the tiny random Llama.
 defaults:
   - override /model: tiny
-mixed_precision: "no"  # fp32 on every CPU: auto picks bf16 only on CPUs with bf16 instructions, and the figures would differ
+# fp32 on every CPU: auto picks bf16 only on CPUs with bf16 instructions, and the figures would differ
+mixed_precision: "no"
 data:
   synthetic:
     num_questions: 60
@@ -65,12 +66,19 @@ def make_workdir(root: Path) -> Path:
 
 def run_cli(workdir: Path, *args: str, timeout: int = 600, module: str = "stackllama") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STACKLLAMA_ARTIFACTS", "WANDB_"))}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline",
-               HYDRA_FULL_ERROR="1", WANDB_SILENT="true")
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="offline",
+        HYDRA_FULL_ERROR="1",
+        WANDB_SILENT="true",
+    )
     cmd = [sys.executable, "-m", module, "-m", f"hydra.searchpath=[file://{workdir / 'conf'}]", *args]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (
-        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -110,11 +118,11 @@ def read_wandb_records(path: Path) -> list:
         if left < 7:  # a block's tail too short for a chunk header is zero padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
         if kind == 0:  # padding up to the end of the block
             pos += left
             continue
-        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:
             records.append(data)
         elif kind == 2:
@@ -142,16 +150,21 @@ def wandb_run(job_dir: Path) -> dict:
     for record in read_wandb_records(files[0]):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            out.update(group=record.run.run_group, job_type=record.run.job_type, tags=list(record.run.tags),
-                       name=record.run.display_name)
+            out.update(
+                group=record.run.run_group,
+                job_type=record.run.job_type,
+                tags=list(record.run.tags),
+                name=record.run.display_name,
+            )
             for item in record.run.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
         elif kind == "config":
             for item in record.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
         elif kind == "history":
-            out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                                   for i in record.history.item})
+            out["history"].append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            )
         elif kind == "summary":
             for item in record.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
@@ -169,8 +182,14 @@ def failing_sweep(tmp_path_factory) -> Path:
     """Basic launcher, W&B offline: three PPO jobs, the last with a learning rate the config check
     refuses (inside the run, after the tracker opened)."""
     workdir = make_workdir(tmp_path_factory.mktemp("failing"))
-    run_cli(workdir, "experiment=tiny_fixed", "stage=ppo", "logger.backend=wandb", "logger.tags=[test]",
-            "ppo.learning_rate=5e-5,1e-4,-1.0")
+    run_cli(
+        workdir,
+        "experiment=tiny_fixed",
+        "stage=ppo",
+        "logger.backend=wandb",
+        "logger.tags=[test]",
+        "ppo.learning_rate=5e-5,1e-4,-1.0",
+    )
     return the_sweep(workdir)
 
 
@@ -212,8 +231,9 @@ def test_wandb_offline_runs_of_a_sweep(failing_sweep):
         config = run["config"]  # the resolved config, every group, plus the job's overrides
         assert config["ppo"]["learning_rate"] == lr and config["stage"]["name"] == "ppo"
         assert config["model"]["name"] == "tiny" and config["ppo"]["steps"] == 2
-        assert f"ppo.learning_rate={job.name.split('ppo.learning_rate=')[1].split(',')[0]}" in \
-            config["hydra"]["overrides"]
+        assert (
+            f"ppo.learning_rate={job.name.split('ppo.learning_rate=')[1].split(',')[0]}" in config["hydra"]["overrides"]
+        )
 
     for run in runs[:2]:
         assert run["exit_code"] == 0
@@ -247,13 +267,21 @@ def test_submitit_local_grid_builds_sft_and_rm_once(tmp_path):
     SFT and RM are needed by all four jobs: one builds each under the artifact lock, the others
     wait and reuse it, and all four PPO runs start from the same state."""
     workdir = make_workdir(tmp_path)
-    run_cli(workdir, "hydra/launcher=local", "experiment=tiny", "stage=ppo",
-            "ppo.kl_coef=0.02,0.2", "ppo.learning_rate=1e-5,1e-4")
+    run_cli(
+        workdir,
+        "hydra/launcher=local",
+        "experiment=tiny",
+        "stage=ppo",
+        "ppo.kl_coef=0.02,0.2",
+        "ppo.learning_rate=1e-5,1e-4",
+    )
     sweep = the_sweep(workdir)
     assert sweep.parent.parent.name == "multirun_sweeps"
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == [
-        "0_ppo.kl_coef=0.02,ppo.learning_rate=1e-05,stage=ppo", "1_ppo.kl_coef=0.02,ppo.learning_rate=0.0001,stage=ppo",
-        "2_ppo.kl_coef=0.2,ppo.learning_rate=1e-05,stage=ppo", "3_ppo.kl_coef=0.2,ppo.learning_rate=0.0001,stage=ppo",
+        "0_ppo.kl_coef=0.02,ppo.learning_rate=1e-05,stage=ppo",
+        "1_ppo.kl_coef=0.02,ppo.learning_rate=0.0001,stage=ppo",
+        "2_ppo.kl_coef=0.2,ppo.learning_rate=1e-05,stage=ppo",
+        "3_ppo.kl_coef=0.2,ppo.learning_rate=0.0001,stage=ppo",
     ]
     assert any((sweep / ".submitit").iterdir()), "submitit did not run the jobs"
     metrics = job_metrics(sweep)
@@ -288,9 +316,14 @@ def test_optuna_sweep_returns_a_best_value(tmp_path):
     that fails (a learning rate torch refuses) becomes a FAIL trial instead of ending the study,
     and the best value lands in optimization_results.yaml."""
     workdir = make_workdir(tmp_path)
-    proc = run_cli(workdir, "experiment=tiny_fixed", "sweep=optuna_ppo", "hydra.sweeper.n_trials=3",
-                   "ppo.batch_size=4",  # a fixed value: Optuna leaves it out of its search space
-                   'hydra.sweeper.params={ppo.learning_rate:"choice(1e-4,-1.0,5e-5)"}')
+    proc = run_cli(
+        workdir,
+        "experiment=tiny_fixed",
+        "sweep=optuna_ppo",
+        "hydra.sweeper.n_trials=3",
+        "ppo.batch_size=4",  # a fixed value: Optuna leaves it out of its search space
+        'hydra.sweeper.params={ppo.learning_rate:"choice(1e-4,-1.0,5e-5)"}',
+    )
     sweep = the_sweep(workdir)
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     metrics = job_metrics(sweep)
@@ -301,8 +334,9 @@ def test_optuna_sweep_returns_a_best_value(tmp_path):
     best_name, best = max(completed.items(), key=lambda kv: objective(kv[1]))
     assert results["best_value"] == pytest.approx(objective(best))
     assert set(results["best_params"]) == {"ppo.kl_coef", "ppo.learning_rate"}
-    best_overrides = dict(o.split("=", 1) for o in yaml.safe_load(
-        (sweep / best_name / ".hydra" / "overrides.yaml").read_text()))
+    best_overrides = dict(
+        o.split("=", 1) for o in yaml.safe_load((sweep / best_name / ".hydra" / "overrides.yaml").read_text())
+    )
     for key, value in results["best_params"].items():
         assert float(best_overrides[key]) == pytest.approx(float(value))
     assert "Best value" in proc.stdout + proc.stderr
@@ -331,13 +365,22 @@ def test_report_table_and_frontier(tmp_path):
     num = 0
     for kl_coef, (kl, reward) in points.items():
         for seed in (0, 1):
-            m = {"run/status": "completed", "objective/kl_end": kl + seed * 0.5,
-                 "ppo/reward_mean_end": reward - seed * 0.1,
-                 "gold/score_end": reward / 2, "ppo/objective": reward, "run/objective": reward - seed * 0.1}
+            m = {
+                "run/status": "completed",
+                "objective/kl_end": kl + seed * 0.5,
+                "ppo/reward_mean_end": reward - seed * 0.1,
+                "gold/score_end": reward / 2,
+                "ppo/objective": reward,
+                "run/objective": reward - seed * 0.1,
+            }
             _fake_job(sweep, num, ["stage=ppo", f"ppo.kl_coef={kl_coef}", f"seed={seed}"], m)
             num += 1
-    _fake_job(sweep, num, ["stage=ppo", "ppo.kl_coef=0.5", "seed=0"],
-              {"run/status": "failed", "run/error": "ValueError: boom", "run/objective": "nan"})
+    _fake_job(
+        sweep,
+        num,
+        ["stage=ppo", "ppo.kl_coef=0.5", "seed=0"],
+        {"run/status": "failed", "run/error": "ValueError: boom", "run/objective": "nan"},
+    )
     _fake_job(sweep, num + 1, ["stage=ppo", "ppo.kl_coef=0.5", "seed=1"], None)
 
     outputs = report.write_summary(sweep)
@@ -354,8 +397,14 @@ def test_report_table_and_frontier(tmp_path):
 
     # the command line prints the table and where the files went
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "stackllama.report", str(sweep)], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stackllama.report", str(sweep)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| job | ppo.kl_coef | seed |" in proc.stdout and f"plot: {sweep / 'frontier.png'}" in proc.stdout
 
@@ -374,10 +423,19 @@ def test_slurm_preset_becomes_one_process_per_gpu(tmp_path, monkeypatch):
     from stackllama.train import config_dir
 
     with initialize_config_dir(version_base="1.3", config_dir=config_dir()):
-        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
-            "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
-            "hydra.launcher.nodes=2", "hydra.launcher.timeout_min=90", "stage=sft",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+        cfg = compose(
+            config_name="config",
+            return_hydra_config=True,
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.nodes=2",
+                "hydra.launcher.timeout_min=90",
+                "stage=sft",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            ],
+        )
     launcher_cfg = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher_cfg["tasks_per_node"] == 4 and launcher_cfg["mem_gb"] == 64
     launcher = instantiate(cfg.hydra.launcher)  # the plugin's SlurmLauncher, as Hydra builds it
@@ -392,15 +450,24 @@ def test_slurm_preset_becomes_one_process_per_gpu(tmp_path, monkeypatch):
 
     # the translation BaseSubmititLauncher.launch() applies before submitting
     params = dict(launcher.params)
-    executor = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path / "submitit"),
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=str(tmp_path / "submitit"), slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
     params.pop("submitit_folder")
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     script = executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --ntasks-per-node=4", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB",
-                 "#SBATCH --time=90", "#SBATCH --job-name=stackllama", "#SBATCH --signal=USR2@120"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64GB",
+        "#SBATCH --time=90",
+        "#SBATCH --job-name=stackllama",
+        "#SBATCH --signal=USR2@120",
+    ):
         assert line in script, f"{line!r} not in:\n{script}"
     assert "srun" in script  # each of the 8 tasks runs the job; stackllama.distributed ranks them
 
@@ -418,8 +485,11 @@ def test_local_preset_and_ready_sweeps_compose():
     with initialize_config_dir(version_base="1.3", config_dir=config_dir()):
         for launcher in ("local", "slurm"):
             for sweep in sweeps:
-                cfg = compose(config_name="config", return_hydra_config=True,
-                              overrides=[f"hydra/launcher={launcher}", f"sweep={sweep}"])
+                cfg = compose(
+                    config_name="config",
+                    return_hydra_config=True,
+                    overrides=[f"hydra/launcher={launcher}", f"sweep={sweep}"],
+                )
                 assert cfg.stage.name == "ppo"
                 validate_choices(cfg)
                 params = OmegaConf.to_container(cfg.hydra.sweeper.params)
@@ -443,19 +513,46 @@ def test_report_recipe_table_and_curves(tmp_path):
         art.mkdir()
         with open(art / "history.jsonl", "w") as fh:
             for step in range(1, 5):
-                fh.write(json.dumps({"ppo/step": step, "env/reward_mean": step + seed, "env/reward_std": 1.0,
-                                     "env/episodes": 16.0, "gold/score_mean": 0.1 * step, "gold/score_std": 0.5}) + "\n")
-        m = {"run/status": "completed", "run/stage": "all", "time/stage/sft_s": 60.0 + seed, "time/stage/rm_s": 90.0,
-             "time/stage/ppo_s": 100.0, "time/stage/eval_s": 30.0, "time/total_s": 300.0,
-             "rm/eval/accuracy": 0.86 + 0.01 * seed, "rm/eval/gold_accuracy": 0.965,
-             "ppo/reward_mean_start": 1.0, "ppo/reward_mean_start_stderr": 0.25, "ppo/reward_mean_end": 4.0,
-             "ppo/reward_mean_end_stderr": 0.25, "eval/win_rate_vs_sft": 0.75, "eval/win_rate_stderr": 0.0625,
-             "eval/gold_win_rate_vs_sft": 0.6, "eval/num_questions": 48, "upstream/ppo/path": str(art)}
+                fh.write(
+                    json.dumps(
+                        {
+                            "ppo/step": step,
+                            "env/reward_mean": step + seed,
+                            "env/reward_std": 1.0,
+                            "env/episodes": 16.0,
+                            "gold/score_mean": 0.1 * step,
+                            "gold/score_std": 0.5,
+                        }
+                    )
+                    + "\n"
+                )
+        m = {
+            "run/status": "completed",
+            "run/stage": "all",
+            "time/stage/sft_s": 60.0 + seed,
+            "time/stage/rm_s": 90.0,
+            "time/stage/ppo_s": 100.0,
+            "time/stage/eval_s": 30.0,
+            "time/total_s": 300.0,
+            "rm/eval/accuracy": 0.86 + 0.01 * seed,
+            "rm/eval/gold_accuracy": 0.965,
+            "ppo/reward_mean_start": 1.0,
+            "ppo/reward_mean_start_stderr": 0.25,
+            "ppo/reward_mean_end": 4.0,
+            "ppo/reward_mean_end_stderr": 0.25,
+            "eval/win_rate_vs_sft": 0.75,
+            "eval/win_rate_stderr": 0.0625,
+            "eval/gold_win_rate_vs_sft": 0.6,
+            "eval/num_questions": 48,
+            "upstream/ppo/path": str(art),
+        }
         _fake_job(sweep, seed, ["stage=all", f"seed={seed}"], m)
     outputs = report.write_summary(sweep)
     text = outputs["markdown"].read_text()
     assert "## The recipe, job by job" in text
     assert "| job | seed | SFT s | RM s | PPO s | eval s | total s | RM acc | gold ceiling |" in text
-    assert "| 0 | 0 | 60 | 90 | 100 | 30 | 300 | 0.86 | 0.965 | 1 ± 0.25 | 4 ± 0.25 | 0.75 ± 0.062 | 0.6 ± 0.071 |" in text
+    assert (
+        "| 0 | 0 | 60 | 90 | 100 | 30 | 300 | 0.86 | 0.965 | 1 ± 0.25 | 4 ± 0.25 | 0.75 ± 0.062 | 0.6 ± 0.071 |" in text
+    )
     assert "| mean of 3 |  | 61 ± 1 |" in text and "0.87 ± 0.01" in text
     assert outputs["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "ppo_curves.png" in text

@@ -18,7 +18,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -69,10 +69,20 @@ def _xml_row(**attrs: str) -> bytes:
 
 
 def _dumps(tmp: Path) -> dict[str, str]:
-    questions = b"".join(_xml_row(Id=str(i), PostTypeId="1", Score="1", Title=f"Q{i}", Body="&lt;p&gt;Why?&lt;/p&gt;")
-                         for i in range(1, 41))
-    empty = b"".join(_xml_row(Id=str(i), PostTypeId="1" if i <= 20 else "2", Score="1", Body="",
-                              **({"ParentId": str(i - 20)} if i > 20 else {})) for i in range(1, 61))
+    questions = b"".join(
+        _xml_row(Id=str(i), PostTypeId="1", Score="1", Title=f"Q{i}", Body="&lt;p&gt;Why?&lt;/p&gt;")
+        for i in range(1, 41)
+    )
+    empty = b"".join(
+        _xml_row(
+            Id=str(i),
+            PostTypeId="1" if i <= 20 else "2",
+            Score="1",
+            Body="",
+            **({"ParentId": str(i - 20)} if i > 20 else {}),
+        )
+        for i in range(1, 61)
+    )
     out = {}
     for name, body in {"noanswers": questions, "emptybodies": empty}.items():
         (tmp / name).mkdir()
@@ -80,11 +90,15 @@ def _dumps(tmp: Path) -> dict[str, str]:
         out[name] = str(tmp / name)
     (tmp / "truncated.xml").write_bytes((XML_HEAD + questions)[:-40])
     (tmp / "garbage.xml").write_bytes(b"\x00\x01 this is not xml <<<")
-    out.update(truncated=str(tmp / "truncated.xml"), garbage=str(tmp / "garbage.xml"),
-               missing=str(tmp / "nope.stackexchange.com"))
+    out.update(
+        truncated=str(tmp / "truncated.xml"),
+        garbage=str(tmp / "garbage.xml"),
+        missing=str(tmp / "nope.stackexchange.com"),
+    )
     # paired / h4 copies whose rows lack the columns the layouts need
-    (tmp / "paired.jsonl").write_text("".join(json.dumps({"qid": i, "question": "How?", "answer": "So."}) + "\n"
-                                              for i in range(200)))
+    (tmp / "paired.jsonl").write_text(
+        "".join(json.dumps({"qid": i, "question": "How?", "answer": "So."}) + "\n" for i in range(200))
+    )
     (tmp / "h4.jsonl").write_text("".join(json.dumps({"qid": i, "title": "How?"}) + "\n" for i in range(50)))
     out.update(paired=str(tmp / "paired.jsonl"), h4=str(tmp / "h4.jsonl"))
     return out
@@ -106,23 +120,37 @@ CASES = [
     Case("kl_coef", ["ppo.kl_coef=-1"], ["ppo.kl_coef=-1.0", "must be >= 0"]),
     Case("ppo_steps", ["stage=ppo", "ppo.steps=0"], ["ppo.steps=0", "must be >= 1"]),
     Case("sft_max_steps", ["sft.max_steps=0"], ["sft.max_steps=0", "must be >= 1"]),
-    Case("plus_typo", ["+sft.learnign_rate=1"], ["sft.learnign_rate is not a setting of sft",
-                                                  "did you mean sft.learning_rate"]),
-    Case("plus_root", ["+learning_rate=1"], ["learning_rate is not a setting of the root config",
-                                             "drop the +override"]),
+    Case(
+        "plus_typo",
+        ["+sft.learnign_rate=1"],
+        ["sft.learnign_rate is not a setting of sft", "did you mean sft.learning_rate"],
+    ),
+    Case(
+        "plus_root", ["+learning_rate=1"], ["learning_rate is not a setting of the root config", "drop the +override"]
+    ),
     Case("ppo_batch_size", ["stage=ppo", "ppo.batch_size=0"], ["ppo.batch_size=0", "must be >= 1"]),
     Case("ppo_lr", ["stage=ppo", "ppo.learning_rate=-1e-5"], ["ppo.learning_rate=-1e-05", "must be > 0"]),
     Case("sft_lr", ["sft.learning_rate=-1"], ["sft.learning_rate=-1.0", "must be > 0"]),
     Case("rm_lr", ["stage=rm", "rm.learning_rate=0"], ["rm.learning_rate=0.0", "must be > 0"]),
     Case("lora_r", ["lora.r=0"], ["lora.r=0", "must be >= 1"]),
     Case("rm_lora_r", ["stage=rm", "rm.lora.r=0"], ["rm.lora.r=0", "must be >= 1"]),
-    Case("gas_3", ["stage=ppo", "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=3"],
-         ["ppo.mini_batch_size=4 must be a multiple of ppo.gradient_accumulation_steps=3"]),
+    Case(
+        "gas_3",
+        ["stage=ppo", "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=3"],
+        ["ppo.mini_batch_size=4 must be a multiple of ppo.gradient_accumulation_steps=3"],
+    ),
     Case("temperature", ["stage=ppo", "ppo.temperature=0"], ["ppo.temperature=0.0", "must be > 0"]),
     Case("mini_batch_0", ["stage=ppo", "ppo.mini_batch_size=0"], ["ppo.mini_batch_size=0", "must be >= 1"]),
-    Case("batch_multiple", ["ppo.batch_size=10", "ppo.mini_batch_size=4"], ["ppo.batch_size=10 must be a multiple of ppo.mini_batch_size=4"]),
-    Case("lengths", ["ppo.min_new_tokens=40", "ppo.max_new_tokens=33"],
-         ["ppo.min_new_tokens=40 must be < ppo.max_new_tokens=33"]),
+    Case(
+        "batch_multiple",
+        ["ppo.batch_size=10", "ppo.mini_batch_size=4"],
+        ["ppo.batch_size=10 must be a multiple of ppo.mini_batch_size=4"],
+    ),
+    Case(
+        "lengths",
+        ["ppo.min_new_tokens=40", "ppo.max_new_tokens=33"],
+        ["ppo.min_new_tokens=40 must be < ppo.max_new_tokens=33"],
+    ),
     Case("splits_sum", ["data.splits.finetune=0.5"], ["data.splits must sum to 1"]),
     Case("top_p", ["ppo.top_p=1.5"], ["ppo.top_p=1.5", "must be in (0, 1]"]),
     Case("lora_dropout", ["lora.dropout=1.0"], ["lora.dropout=1.0", "must be in [0, 1)"]),
@@ -141,39 +169,97 @@ CASES = [
     Case("precision_choice", ["mixed_precision=fp8"], ["mixed_precision='fp8' is not valid", "bf16"]),
     Case("logger_choice", ["logger.backend=mlflow"], ["logger.backend='mlflow'", "choose one of wandb, tensorboard"]),
     # rows 2, 7, 9: models that are missing or not what they claim, found before any training
-    Case("missing_model", [*SMOL, "model.name_or_path=/missing/folder"],
-         ["model.name_or_path=/missing/folder", "Looked in", "local folder /missing/folder (does not exist)",
-          "not used: it is a copy of HuggingFaceTB/SmolLM2-135M-Instruct"], files=_own_cache),
-    Case("unknown_hub_id", [*SMOL, "model.name_or_path=nobody/no-such-model"],
-         ["nobody/no-such-model", "hub (unreachable", "not used: it is a copy of"], files=_own_cache),
-    Case("junk_config", ["stage=ppo", "ppo.policy_path={junk}"],
-         ["ppo.policy_path={junk} is not a model folder", "model_type"], files=_junk_config),
-    Case("no_config", ["stage=ppo", "ppo.policy_path={empty}"],
-         ["ppo.policy_path={empty} is not a model folder: it holds no config.json"], files=_junk_config),
-    Case("causal_as_rm", ["stage=ppo", "ppo.reward_model_path={causal}"],
-         ["ppo.reward_model_path={causal} is not a reward model", "no score head"], files=_causal_lm),
-    Case("missing_policy", ["stage=eval", "ppo.policy_path=/no/such/policy"],
-         ["ppo.policy_path=/no/such/policy is not a model folder: it does not exist"]),
+    Case(
+        "missing_model",
+        [*SMOL, "model.name_or_path=/missing/folder"],
+        [
+            "model.name_or_path=/missing/folder",
+            "Looked in",
+            "local folder /missing/folder (does not exist)",
+            "not used: it is a copy of HuggingFaceTB/SmolLM2-135M-Instruct",
+        ],
+        files=_own_cache,
+    ),
+    Case(
+        "unknown_hub_id",
+        [*SMOL, "model.name_or_path=nobody/no-such-model"],
+        ["nobody/no-such-model", "hub (unreachable", "not used: it is a copy of"],
+        files=_own_cache,
+    ),
+    Case(
+        "junk_config",
+        ["stage=ppo", "ppo.policy_path={junk}"],
+        ["ppo.policy_path={junk} is not a model folder", "model_type"],
+        files=_junk_config,
+    ),
+    Case(
+        "no_config",
+        ["stage=ppo", "ppo.policy_path={empty}"],
+        ["ppo.policy_path={empty} is not a model folder: it holds no config.json"],
+        files=_junk_config,
+    ),
+    Case(
+        "causal_as_rm",
+        ["stage=ppo", "ppo.reward_model_path={causal}"],
+        ["ppo.reward_model_path={causal} is not a reward model", "no score head"],
+        files=_causal_lm,
+    ),
+    Case(
+        "missing_policy",
+        ["stage=eval", "ppo.policy_path=/no/such/policy"],
+        ["ppo.policy_path=/no/such/policy is not a model folder: it does not exist"],
+    ),
     # row 3 and the XML intake: data with nothing usable stops at the data step, naming file and cause
-    Case("dump_no_answers", [*DUMP, "data.path={noanswers}"],
-         ["No usable records in {noanswers}", "40 questions with fewer than data.min_answers=2 answers"],
-         kind="input", files=_dumps),
-    Case("dump_empty_bodies", [*DUMP, "data.path={emptybodies}"],
-         ["No usable records in {emptybodies}", "20 questions with an empty body", "non-empty Body"],
-         kind="input", files=_dumps),
-    Case("paired_columns", ["stage=sft", "data=paired", "data.path={paired}"],
-         ["No usable records in {paired}", "200 rows skipped as malformed",
-          "missing columns: response_j (200 rows), response_k (200 rows)", "qid, question, response_j, response_k"],
-         kind="input", files=_dumps),
-    Case("h4_columns", ["stage=sft", "data=h4_preferences", "data.path={h4}"],
-         ["No usable records in {h4}", "missing columns: question (50 rows), answers (50 rows)"],
-         kind="input", files=_dumps),
-    Case("xml_truncated", [*DUMP, "data.path={truncated}"], ["{truncated} is not well-formed XML", "truncated"],
-         kind="input", files=_dumps),
-    Case("xml_garbage", [*DUMP, "data.path={garbage}"], ["{garbage} is not well-formed XML"],
-         kind="input", files=_dumps),
-    Case("xml_missing", [*DUMP, "data.path={missing}"], ["Stack Exchange dump not found", "pass data.path="],
-         kind="input", files=_dumps),
+    Case(
+        "dump_no_answers",
+        [*DUMP, "data.path={noanswers}"],
+        ["No usable records in {noanswers}", "40 questions with fewer than data.min_answers=2 answers"],
+        kind="input",
+        files=_dumps,
+    ),
+    Case(
+        "dump_empty_bodies",
+        [*DUMP, "data.path={emptybodies}"],
+        ["No usable records in {emptybodies}", "20 questions with an empty body", "non-empty Body"],
+        kind="input",
+        files=_dumps,
+    ),
+    Case(
+        "paired_columns",
+        ["stage=sft", "data=paired", "data.path={paired}"],
+        [
+            "No usable records in {paired}",
+            "200 rows skipped as malformed",
+            "missing columns: response_j (200 rows), response_k (200 rows)",
+            "qid, question, response_j, response_k",
+        ],
+        kind="input",
+        files=_dumps,
+    ),
+    Case(
+        "h4_columns",
+        ["stage=sft", "data=h4_preferences", "data.path={h4}"],
+        ["No usable records in {h4}", "missing columns: question (50 rows), answers (50 rows)"],
+        kind="input",
+        files=_dumps,
+    ),
+    Case(
+        "xml_truncated",
+        [*DUMP, "data.path={truncated}"],
+        ["{truncated} is not well-formed XML", "truncated"],
+        kind="input",
+        files=_dumps,
+    ),
+    Case(
+        "xml_garbage", [*DUMP, "data.path={garbage}"], ["{garbage} is not well-formed XML"], kind="input", files=_dumps
+    ),
+    Case(
+        "xml_missing",
+        [*DUMP, "data.path={missing}"],
+        ["Stack Exchange dump not found", "pass data.path="],
+        kind="input",
+        files=_dumps,
+    ),
 ]
 
 
@@ -191,6 +277,7 @@ def spies(monkeypatch):
     def refuse(what: str):
         def spy(*args, **kwargs):
             raise AssertionError(f"{what} was called for a case that should have failed before it")
+
         return spy
 
     def install(kind: str) -> None:
@@ -204,8 +291,9 @@ def spies(monkeypatch):
 def run_in_process(tmp_path: Path, overrides: list[str], monkeypatch) -> None:
     """``run_task`` as the CLI calls it, with the Hydra run dir faked (no Hydra app is running)."""
     cfg = compose_cfg([*BASE, f"artifacts_dir={tmp_path / 'art'}", *overrides])
-    job = task.JobInfo(run_dir=tmp_path / "run", multirun=False, group=None, name="test", tags=[],
-                       overrides=list(overrides))
+    job = task.JobInfo(
+        run_dir=tmp_path / "run", multirun=False, group=None, name="test", tags=[], overrides=list(overrides)
+    )
     monkeypatch.setattr(task, "_hydra_info", lambda cfg=None: job)
     task.run_task(cfg)
 
@@ -241,8 +329,10 @@ def test_the_table_covers_at_least_30_cases():
 CLI_CASES = [
     (["stage=ppo", "ppo.mini_batch_size=0", "ppo.cliprange=-1"], ["ppo.mini_batch_size=0", "ppo.cliprange=-1.0"]),
     (["+sft.learnign_rate=1"], ["did you mean sft.learning_rate"]),
-    (["model=smollm2-135m", "model.name_or_path=/missing/folder", "model.cache_dir=<tmp>/cache"],
-     ["Looked in", "/missing/folder"]),
+    (
+        ["model=smollm2-135m", "model.name_or_path=/missing/folder", "model.cache_dir=<tmp>/cache"],
+        ["Looked in", "/missing/folder"],
+    ),
 ]
 
 
@@ -250,9 +340,22 @@ CLI_CASES = [
 def test_cli_exits_non_zero_before_loading_anything(tmp_path, overrides, expect):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     overrides = [o.replace("<tmp>", str(tmp_path)) for o in overrides]  # never the shared model cache
-    proc = subprocess.run([sys.executable, "-m", "stackllama", *BASE, *overrides,
-                           f"artifacts_dir={tmp_path / 'art'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stackllama",
+            *BASE,
+            *overrides,
+            f"artifacts_dir={tmp_path / 'art'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     for part in expect:
         assert part in proc.stderr, (part, proc.stderr[-3000:])

@@ -100,7 +100,7 @@ def load_records(data_cfg: Any) -> tuple[list[dict], dict[str, Any]]:
 REQUIRED = {
     "synthetic": "data.synthetic.num_questions >= 1",
     "stackexchange_dump": "Posts.xml <row> elements with Id, PostTypeId (1 question, 2 answer), a non-empty Body, "
-                          "and ParentId on answers",
+    "and ParentId on answers",
     "h4_preferences": "columns qid, question, answers (a list of {text, pm_score})",
     "paired": "columns qid, question, response_j, response_k (response_j the better answer)",
 }
@@ -126,18 +126,23 @@ def no_usable_records_message(data_cfg: Any, stats: dict[str, Any], what: str = 
     if malformed:
         cols = stats.get("data/missing_columns")
         causes.append(f"{malformed} rows skipped as malformed" + (f" (missing columns: {cols})" if cols else ""))
-    for key, label in (("data/skipped_empty_questions", "questions with an empty body"),
-                       ("data/skipped_empty_answers", "answers with an empty body"),
-                       ("data/skipped_other_post_types", "rows of other post types"),
-                       ("data/skipped_orphan_answers", "answers to no question in the file")):
+    for key, label in (
+        ("data/skipped_empty_questions", "questions with an empty body"),
+        ("data/skipped_empty_answers", "answers with an empty body"),
+        ("data/skipped_other_post_types", "rows of other post types"),
+        ("data/skipped_orphan_answers", "answers to no question in the file"),
+    ):
         if stats.get(key):
             causes.append(f"{stats[key]} {label}")
     few = stats.get("data/skipped_few_answers", 0)
     if few:
         causes.append(f"{few} questions with fewer than data.min_answers={data_cfg.min_answers} answers")
-    return (f"No usable {what} in {data_location(data_cfg)}: " + ("; ".join(causes) or "it is empty")
-            + f". data.source={data_cfg.source} needs {REQUIRED.get(data_cfg.source, 'records')}, and questions "
-            "with at least data.min_answers answers")
+    return (
+        f"No usable {what} in {data_location(data_cfg)}: "
+        + ("; ".join(causes) or "it is empty")
+        + f". data.source={data_cfg.source} needs {REQUIRED.get(data_cfg.source, 'records')}, and questions "
+        "with at least data.min_answers answers"
+    )
 
 
 def _pair_rows(records: list[dict], rng: random.Random, max_pairs: Optional[int]) -> dict[str, list]:

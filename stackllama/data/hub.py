@@ -169,20 +169,24 @@ def h4_records(rows: Iterable[dict], source: str = "h4_preferences") -> tuple[li
                 bump(stats, "data/skipped_malformed_answers")
                 continue
             score = ans.get("score")
-            kept.append({
-                "answer_id": str(ans.get("answer_id", f"{row['qid']}-{i}")),
-                "pm_score": pm,
-                "selected": bool(ans.get("selected", False)),
-                "text": text,
-                "score": int(score) if isinstance(score, (int, float)) else pm,
-            })
-        records.append({
-            "qid": str(row["qid"]),
-            "question": question,
-            "answers": kept,
-            "date": str(row.get("date") or ""),
-            "metadata": {**_metadata(row.get("metadata")), "source": source},
-        })
+            kept.append(
+                {
+                    "answer_id": str(ans.get("answer_id", f"{row['qid']}-{i}")),
+                    "pm_score": pm,
+                    "selected": bool(ans.get("selected", False)),
+                    "text": text,
+                    "score": int(score) if isinstance(score, (int, float)) else pm,
+                }
+            )
+        records.append(
+            {
+                "qid": str(row["qid"]),
+                "question": question,
+                "answers": kept,
+                "date": str(row.get("date") or ""),
+                "metadata": {**_metadata(row.get("metadata")), "source": source},
+            }
+        )
     _note_missing(stats, missing)
     return records, stats
 
@@ -204,10 +208,16 @@ def paired_records(rows: Iterable[dict]) -> tuple[list[dict], dict[str, Any]]:
             bump(stats, "data/skipped_identical_pairs")
             continue
         bump(stats, "data/paired_rows")
-        g = groups.setdefault(str(qid), {
-            "question": question, "date": str(row.get("date") or ""),
-            "metadata": _metadata(row.get("metadata")), "texts": [], "beats": {},
-        })
+        g = groups.setdefault(
+            str(qid),
+            {
+                "question": question,
+                "date": str(row.get("date") or ""),
+                "metadata": _metadata(row.get("metadata")),
+                "texts": [],
+                "beats": {},
+            },
+        )
         for text in (better, worse):
             if text not in g["beats"]:
                 g["texts"].append(text)
@@ -216,12 +226,24 @@ def paired_records(rows: Iterable[dict]) -> tuple[list[dict], dict[str, Any]]:
     records = []
     for qid, g in groups.items():
         answers = [
-            {"answer_id": f"{qid}-{i}", "pm_score": len(g["beats"][t]), "selected": False, "text": t,
-             "score": len(g["beats"][t])}
+            {
+                "answer_id": f"{qid}-{i}",
+                "pm_score": len(g["beats"][t]),
+                "selected": False,
+                "text": t,
+                "score": len(g["beats"][t]),
+            }
             for i, t in enumerate(g["texts"])
         ]
-        records.append({"qid": qid, "question": g["question"], "answers": answers, "date": g["date"],
-                        "metadata": {**g["metadata"], "source": "paired"}})
+        records.append(
+            {
+                "qid": qid,
+                "question": g["question"],
+                "answers": answers,
+                "date": g["date"],
+                "metadata": {**g["metadata"], "source": "paired"},
+            }
+        )
     _note_missing(stats, missing)
     return records, stats
 

@@ -216,7 +216,13 @@ def load_posts(path: str | Path, min_answers: int = 2) -> tuple[list[dict], dict
                 "question": f"{title}\n\n{body}" if title else body,
                 "answers": [],
                 "date": row.get("CreationDate", ""),
-                "metadata": {"site": site, "title": title, "tags": tags, "score": score, "source": "stackexchange_dump"},
+                "metadata": {
+                    "site": site,
+                    "title": title,
+                    "tags": tags,
+                    "score": score,
+                    "source": "stackexchange_dump",
+                },
             }
             if row.get("AcceptedAnswerId"):
                 accepted[qid] = row["AcceptedAnswerId"].strip()

@@ -13,8 +13,15 @@ from typing import Any
 from stackllama.models.loader import torch_dtype, truncation_kwargs
 
 
-def merge_adapter_into_base(base_path: str | Path, adapter_path: str | Path, out_dir: str | Path,
-                            kind: str, dtype: str, tokenizer: Any, num_layers: int | None = None) -> Path:
+def merge_adapter_into_base(
+    base_path: str | Path,
+    adapter_path: str | Path,
+    out_dir: str | Path,
+    kind: str,
+    dtype: str,
+    tokenizer: Any,
+    num_layers: int | None = None,
+) -> Path:
     """``base_path`` unquantized in ``dtype`` (its first ``num_layers`` decoder layers when set) with the
     adapter in ``adapter_path`` merged in, saved with ``tokenizer`` to ``out_dir``."""
     from peft import PeftModel
@@ -22,8 +29,9 @@ def merge_adapter_into_base(base_path: str | Path, adapter_path: str | Path, out
 
     extra = truncation_kwargs(base_path, num_layers)
     if kind == "seq_cls":
-        base = AutoModelForSequenceClassification.from_pretrained(str(base_path), num_labels=1,
-                                                                  dtype=torch_dtype(dtype), **extra)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            str(base_path), num_labels=1, dtype=torch_dtype(dtype), **extra
+        )
         base.config.pad_token_id = tokenizer.pad_token_id
     else:
         base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype(dtype), **extra)

@@ -112,8 +112,12 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         return target
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # The classification head of transformers' *ForSequenceClassification models: ``score`` (Llama,
 # Mistral, Qwen, GPT-2, ...) or ``classifier`` (BERT-like encoders).
@@ -142,8 +146,9 @@ def check_model_folder(folder: str | Path, what: str = "model", need_weights: bo
         AutoConfig.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError/...
         reason = " ".join(str(exc).split())[:400]
-        raise NotAModelFolder(f"{what}={folder} is not a model folder: its config.json cannot be read "
-                              f"({type(exc).__name__}: {reason})") from None
+        raise NotAModelFolder(
+            f"{what}={folder} is not a model folder: its config.json cannot be read ({type(exc).__name__}: {reason})"
+        ) from None
     if need_weights and not any((folder / name).exists() for name in WEIGHT_FILES):
         raise NotAModelFolder(f"{what}={folder} is not a model folder: no weights ({', '.join(WEIGHT_FILES)})")
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
@@ -187,7 +192,8 @@ def check_reward_model(folder: str | Path, what: str = "reward model") -> Path:
             f"{what}={folder} is not a reward model: its checkpoint holds no score head "
             f"({'/'.join(h + '.*' for h in SCORE_HEADS)} tensors; architectures={archs}), so transformers would "
             "initialise one at random. Pass a folder the rm stage built (artifacts/rm/<key>), or leave the "
-            "setting unset to build one")
+            "setting unset to build one"
+        )
     return folder
 
 
@@ -209,8 +215,9 @@ def locate_model(
     tried: list[str] = []
     local = Path(os.path.expanduser(name_or_path))
     if local.is_dir():
-        return "local", check_model_folder(local, "model.name_or_path" if need_weights else "model.tokenizer",
-                                           need_weights)
+        return "local", check_model_folder(
+            local, "model.name_or_path" if need_weights else "model.tokenizer", need_weights
+        )
     tried.append(f"local folder {local} (does not exist)")
 
     packaged = gguf_source is not None and name_or_path.strip("/") == gguf_source.strip("/")
@@ -233,8 +240,10 @@ def locate_model(
         if not packaged:
             # The packaged file is one particular model: standing in for any other name would
             # train the wrong model under the requested model's label.
-            tried.append(f"GGUF {gguf_file} in package {gguf_package} (not used: it is a copy of "
-                         f"{gguf_source or 'an unnamed model (model.gguf_source unset)'}, not of {name_or_path})")
+            tried.append(
+                f"GGUF {gguf_file} in package {gguf_package} (not used: it is a copy of "
+                f"{gguf_source or 'an unnamed model (model.gguf_source unset)'}, not of {name_or_path})"
+            )
         else:
             gguf = find_gguf(gguf_package, gguf_file)
             if gguf is not None:
@@ -245,7 +254,8 @@ def locate_model(
             )
     install = " or install the package above" if any("not installed" in t for t in tried) else ""
     raise FileNotFoundError(
-        f"Could not resolve model {name_or_path!r} offline. Looked in:\n  - " + "\n  - ".join(tried)
+        f"Could not resolve model {name_or_path!r} offline. Looked in:\n  - "
+        + "\n  - ".join(tried)
         + f"\nSet model.name_or_path to a local model folder or to a hub id cached here{install}."
     )
 
@@ -260,8 +270,7 @@ def resolve_model_path(
     need_weights: bool = True,
 ) -> Path:
     """Return a local folder holding ``name_or_path`` (see module docstring for the order)."""
-    kind, path = locate_model(name_or_path, cache_dir, gguf_package, gguf_file, hub_timeout, gguf_source,
-                              need_weights)
+    kind, path = locate_model(name_or_path, cache_dir, gguf_package, gguf_file, hub_timeout, gguf_source, need_weights)
     if kind == "hub":
         from huggingface_hub import snapshot_download
 

@@ -40,8 +40,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer, scheduler,
-                    loop_states: list[dict]) -> Path:
+def save_checkpoint(
+    folder: Path, step: int, module: torch.nn.Module, optimizer, scheduler, loop_states: list[dict]
+) -> Path:
     """Write step ``step`` atomically: the trainable tensors, optimizer and scheduler (the same
     on every rank) and ``loop_states``, one ``{"loop": ..., "rng": rng_state()}`` per process
     in rank order (a single entry without data parallelism)."""
@@ -68,8 +69,9 @@ def save_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer,
     return final
 
 
-def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scheduler, rank: int = 0,
-                    world_size: int = 1) -> dict | None:
+def load_checkpoint(
+    folder: Path, module: torch.nn.Module, optimizer, scheduler, rank: int = 0, world_size: int = 1
+) -> dict | None:
     """Restore the newest checkpoint into ``module``/``optimizer``/``scheduler`` and this rank's
     RNG state; returns this rank's loop state, or None if there is no checkpoint."""
     pointer = Path(folder) / LATEST
@@ -87,8 +89,10 @@ def load_checkpoint(folder: Path, module: torch.nn.Module, optimizer, scheduler,
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     ranks = state.get("ranks") or [{"loop": state["loop"], "rng": state["rng"]}]  # single-process format
     if len(ranks) != world_size:
-        raise RuntimeError(f"checkpoint {ckpt} was written by {len(ranks)} process(es); this job has {world_size}: "
-                           "resume with the same number of processes, or set ppo.resume=false")
+        raise RuntimeError(
+            f"checkpoint {ckpt} was written by {len(ranks)} process(es); this job has {world_size}: "
+            "resume with the same number of processes, or set ppo.resume=false"
+        )
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(ranks[rank]["rng"])

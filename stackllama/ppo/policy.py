@@ -45,8 +45,14 @@ def layer_range(backbone: nn.Module, start: int, stop: int | None, final_norm: b
         backbone.layers, backbone.norm = layers, norm
 
 
-def response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    query_len: int, prefix: torch.Tensor | None = None, from_layer: int = 0) -> torch.Tensor:
+def response_hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    query_len: int,
+    prefix: torch.Tensor | None = None,
+    from_layer: int = 0,
+) -> torch.Tensor:
     """Last hidden states that predict the response tokens of a causal LM: (B, Q+R) -> (B, R, H).
 
     ``input_ids`` = [left-padded query (Q) | right-padded response (R)]. Response token t sits
@@ -69,8 +75,12 @@ def prefix_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """Hidden states after the first ``layers`` decoder layers (no final norm): (B, Q+R) -> (B, Q+R, H)."""
     backbone = decoder_of(model)
     with layer_range(backbone, 0, layers, final_norm=False):
-        return backbone(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        return backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
 
 
 def frozen_layers(model: nn.Module) -> int:
@@ -153,7 +163,11 @@ class PolicyWithValueHead(nn.Module):
         return self.lm.get_base_model() if self.has_adapters else self.lm
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int, with_values: bool = True,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_len: int,
+        with_values: bool = True,
         prefix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, nn.Module, torch.Tensor | None]:
         """Hidden states that predict the response tokens (``response_hidden``), the LM head, and
@@ -164,7 +178,9 @@ class PolicyWithValueHead(nn.Module):
         (B, R, V) logits tensor never exists (it dominates PPO memory for small models).
         """
         model = self._causal_lm()
-        resp_hidden = response_hidden(model, input_ids, attention_mask, query_len, prefix, self.prefix_layers)  # (B, R, H)
+        resp_hidden = response_hidden(
+            model, input_ids, attention_mask, query_len, prefix, self.prefix_layers
+        )  # (B, R, H)
         values = self.values(resp_hidden) if with_values else None  # (B, R)
         return resp_hidden, model.get_output_embeddings(), values
 
@@ -174,14 +190,20 @@ class PolicyWithValueHead(nn.Module):
 
     @torch.no_grad()
     def reference_hidden(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int, prefix: torch.Tensor | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_len: int,
+        prefix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """The same response hidden states and LM head under the reference (adapters off, or the copy)."""
         use_copy = self.reference is not None
         ctx = contextlib.nullcontext() if use_copy else self.lm.disable_adapter()
         with ctx:
             model = self._causal_lm(use_reference=use_copy)
-            hidden = response_hidden(model, input_ids, attention_mask, query_len, prefix, self.prefix_layers)  # (B, R, H)
+            hidden = response_hidden(
+                model, input_ids, attention_mask, query_len, prefix, self.prefix_layers
+            )  # (B, R, H)
             head = model.get_output_embeddings()
         if not use_copy and hasattr(head, "lora_A"):  # lora.target_modules includes lm_head: apply it unadapted
             adapted = head

@@ -109,7 +109,9 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def response_mask_from(response_ids: torch.Tensor, lengths: list[int], eos_id: int | None, stop_at_eos: bool) -> torch.Tensor:
+def response_mask_from(
+    response_ids: torch.Tensor, lengths: list[int], eos_id: int | None, stop_at_eos: bool
+) -> torch.Tensor:
     """1 for tokens within each sampled length; with ``stop_at_eos`` also cut after the first EOS."""
     B, R = response_ids.shape
     positions = torch.arange(R).unsqueeze(0)  # (1, R)
@@ -161,9 +163,7 @@ def generate_rollout(
         response_ids = torch.cat([response_ids, fill], 1)
     r_mask = response_mask_from(response_ids.cpu(), lengths, eos_id, bool(ppo_cfg.stop_at_eos)).to(device)
     response_ids = torch.where(r_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
-    responses = [
-        tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response_ids, r_mask)
-    ]
+    responses = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response_ids, r_mask)]
     ended = torch.zeros(len(lengths), dtype=torch.bool)
     if ppo_cfg.stop_at_eos and eos_id is not None:
         last = (r_mask.sum(1) - 1).clamp(min=0).cpu()  # index of each response's last counted token

@@ -155,7 +155,9 @@ class PPOTrainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.dist = distributed.current()
         if cfg.batch_size % cfg.mini_batch_size or cfg.mini_batch_size % cfg.gradient_accumulation_steps:
-            raise ValueError("need batch_size % mini_batch_size == 0 and mini_batch_size % gradient_accumulation_steps == 0")
+            raise ValueError(
+                "need batch_size % mini_batch_size == 0 and mini_batch_size % gradient_accumulation_steps == 0"
+            )
         # fused: one kernel for all parameters (an optimizer step went from ~100 ms to ~6 ms on CPU)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=float(cfg.learning_rate), fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)  # constant, as the article
@@ -183,8 +185,13 @@ class PPOTrainer:
         lengths = [self.length_sampler() for _ in range(B)]
         with self._autocast():
             ro: Rollout = generate_rollout(
-                policy.generation_model(), self.tokenizer, questions,
-                [self.prompts.query_ids[i] for i in idx], lengths, cfg, self.device,
+                policy.generation_model(),
+                self.tokenizer,
+                questions,
+                [self.prompts.query_ids[i] for i in idx],
+                lengths,
+                cfg,
+                self.device,
             )
         mask = ro.response_mask.float()  # (B, R)
         self._between_phases()
@@ -320,31 +327,50 @@ class PPOTrainer:
         ro.prefix = torch.cat(out["prefix"]) if out["prefix"] else None
         return tuple(torch.cat(out[k]).float() for k in ("logprobs", "values", "ref", "entropy"))
 
-    def _micro_batch_loss(self, ro: Rollout, i: torch.Tensor, old_logprobs, old_values, advantages, returns, mask,
-                          critic_only: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _micro_batch_loss(
+        self, ro: Rollout, i: torch.Tensor, old_logprobs, old_values, advantages, returns, mask, critic_only: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of episodes ``i`` (m of them): L = L_clip + vf_coef * L_vf, or vf_coef * L_vf alone in
         critic warm-up (then the backbone runs without grad: only the value head learns)."""
         cfg = self.cfg
         grad = contextlib.nullcontext() if not critic_only else torch.no_grad()
         prefix = ro.prefix[i] if ro.prefix is not None else None  # (m, Q+R, H) from the no-grad pass
         with grad, self._autocast():
-            hidden, head, _ = self.policy(ro.input_ids[i], ro.attention_mask[i], ro.query_len, with_values=False,
-                                          prefix=prefix)  # (m, R, H)
+            hidden, head, _ = self.policy(
+                ro.input_ids[i], ro.attention_mask[i], ro.query_len, with_values=False, prefix=prefix
+            )  # (m, R, H)
         values = self.policy.values(hidden).float()  # (m, R)
         vf_loss, vf_stats = core.value_loss(values, old_values[i], returns[i], mask[i], float(cfg.cliprange_value))
-        stats = {"ppo/loss/value": vf_loss, "ppo/val/clipfrac": vf_stats["clipfrac"], "ppo/val/error": vf_stats["error"]}
+        stats = {
+            "ppo/loss/value": vf_loss,
+            "ppo/val/clipfrac": vf_stats["clipfrac"],
+            "ppo/val/error": vf_stats["error"],
+        }
         if critic_only:
             return float(cfg.vf_coef) * vf_loss, stats
-        logprobs, _ = core.logprobs_from_hidden(hidden, head, ro.response_ids[i], int(cfg.head_chunk_size),
-                                                temperature=float(cfg.temperature))
-        pg_loss, pg_stats = core.policy_loss(logprobs.float(), old_logprobs[i], advantages[i], mask[i],  # (m, R)
-                                             float(cfg.cliprange), cfg.dual_clip)
+        logprobs, _ = core.logprobs_from_hidden(
+            hidden, head, ro.response_ids[i], int(cfg.head_chunk_size), temperature=float(cfg.temperature)
+        )
+        pg_loss, pg_stats = core.policy_loss(
+            logprobs.float(),
+            old_logprobs[i],
+            advantages[i],
+            mask[i],  # (m, R)
+            float(cfg.cliprange),
+            cfg.dual_clip,
+        )
         loss = pg_loss + float(cfg.vf_coef) * vf_loss  # L = L_clip + c_vf * L_vf
-        stats.update({
-            "ppo/loss/policy": pg_loss, "ppo/loss/total": loss, "ppo/policy/approxkl": pg_stats["approxkl"],
-            "ppo/policy/policykl": pg_stats["policykl"], "ppo/policy/clipfrac": pg_stats["clipfrac"],
-            "ppo/policy/ratio_mean": pg_stats["ratio_mean"], "ppo/policy/dual_clipfrac": pg_stats["dual_clipfrac"],
-        })
+        stats.update(
+            {
+                "ppo/loss/policy": pg_loss,
+                "ppo/loss/total": loss,
+                "ppo/policy/approxkl": pg_stats["approxkl"],
+                "ppo/policy/policykl": pg_stats["policykl"],
+                "ppo/policy/clipfrac": pg_stats["clipfrac"],
+                "ppo/policy/ratio_mean": pg_stats["ratio_mean"],
+                "ppo/policy/dual_clipfrac": pg_stats["dual_clipfrac"],
+            }
+        )
         return loss, stats
 
     def _optimize(self, ro, old_logprobs, old_values, advantages, returns, mask) -> dict[str, float]:
@@ -367,8 +393,9 @@ class PPOTrainer:
                 stepped, nonfinite = False, 0  # nonfinite: micro-batches / updates dropped for NaN or inf
                 for m_start in range(start, start + mb, micro):
                     i = perm[m_start : m_start + micro].to(ro.input_ids.device)
-                    loss, stats = self._micro_batch_loss(ro, i, old_logprobs, old_values, advantages, returns, mask,
-                                                         critic_only)
+                    loss, stats = self._micro_batch_loss(
+                        ro, i, old_logprobs, old_values, advantages, returns, mask, critic_only
+                    )
                     ratio = float(stats["ppo/policy/ratio_mean"]) if not critic_only else 1.0
                     if not ratio <= float(cfg.ratio_threshold):  # written so that a NaN ratio is skipped too
                         # The probability ratio exploded: this micro-batch would wreck the policy.
@@ -423,23 +450,36 @@ class PPOTrainer:
         if not nonfinite:
             return  # no update for a finite reason (every ratio above the threshold)
         self.nonfinite_streak += 1
-        log.warning("PPO step %d: skipped an update with a non-finite loss or gradient (%d in a row, %d in all)",
-                    self.step_idx + 1, self.nonfinite_streak, self.skipped_nonfinite)
+        log.warning(
+            "PPO step %d: skipped an update with a non-finite loss or gradient (%d in a row, %d in all)",
+            self.step_idx + 1,
+            self.nonfinite_streak,
+            self.skipped_nonfinite,
+        )
         limit = int(self.cfg.max_nonfinite_skips)
         if self.nonfinite_streak >= limit:
             raise FloatingPointError(
                 f"PPO diverged at step {self.step_idx + 1}: {self.nonfinite_streak} updates in a row had a NaN/inf "
                 f"loss or gradient norm (ppo.max_nonfinite_skips={limit}); nothing is published. Lower "
-                f"ppo.learning_rate (now {self.cfg.learning_rate})")
+                f"ppo.learning_rate (now {self.cfg.learning_rate})"
+            )
 
-    def _maybe_log_samples(self, ro: Rollout, scores: torch.Tensor, seq_kl: torch.Tensor, gold: torch.Tensor | None) -> None:
+    def _maybe_log_samples(
+        self, ro: Rollout, scores: torch.Tensor, seq_kl: torch.Tensor, gold: torch.Tensor | None
+    ) -> None:
         every = int(self.cfg.sample_every)
         if every <= 0 or (self.step_idx % every and self.step_idx != 1):
             return
         n = min(int(self.cfg.num_samples), len(ro.responses))
         rows = []
         for i in range(n):
-            row = [self.step_idx, ro.questions[i], ro.responses[i], round(float(scores[i]), 4), round(float(seq_kl[i]), 4)]
+            row = [
+                self.step_idx,
+                ro.questions[i],
+                ro.responses[i],
+                round(float(scores[i]), 4),
+                round(float(seq_kl[i]), 4),
+            ]
             if gold is not None:
                 row.append(round(float(gold[i]), 4))
             rows.append(row)
@@ -480,8 +520,14 @@ class PPOTrainer:
 
     def resume(self) -> int:
         """Load the latest checkpoint when present; returns the step resumed from (0 if none)."""
-        state = load_checkpoint(self.checkpoint_dir, self.policy, self.optimizer, self.scheduler,
-                                rank=self.dist.rank, world_size=self.dist.world_size)
+        state = load_checkpoint(
+            self.checkpoint_dir,
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         if state is None:
             return 0
         self.load_state(state)
@@ -490,7 +536,9 @@ class PPOTrainer:
 
     def save(self) -> None:
         """Rank 0 writes the (identical) weights and optimizer with every rank's loop and RNG state."""
-        per_rank = distributed.gather_objects({"loop": self.state(), "rng": rng_state()})  # collective: every rank calls save()
+        per_rank = distributed.gather_objects(
+            {"loop": self.state(), "rng": rng_state()}
+        )  # collective: every rank calls save()
         if self.dist.is_main:
             save_checkpoint(self.checkpoint_dir, self.step_idx, self.policy, self.optimizer, self.scheduler, per_rank)
         distributed.barrier()  # nobody reads or overwrites it before it is complete
@@ -504,8 +552,11 @@ class PPOTrainer:
             self.history.append(stats)
             if self.tracker is not None and self.dist.is_main and self.step_idx % max(int(self.cfg.log_every), 1) == 0:
                 self.tracker.log(stats, step=self.step_idx)
-            bar.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}",
-                            beta=f"{stats['objective/kl_coef']:.3f}")
+            bar.set_postfix(
+                reward=f"{stats['env/reward_mean']:.3f}",
+                kl=f"{stats['objective/kl']:.3f}",
+                beta=f"{stats['objective/kl_coef']:.3f}",
+            )
             bar.update(1)
             if on_step is not None:
                 on_step(stats)

@@ -59,22 +59,34 @@ def run(cfg: Any, ctx: Any) -> float:
             explicit = cfg.ppo.policy_path if stage == "sft" else cfg.ppo.reward_model_path
             log.info("all: %s not built: using the explicit model %s", stage, explicit)
             paths[stage] = artifacts.require(stage, cfg, ctx, explicit=explicit)
-            observed.update({f"upstream/{stage}/path": str(paths[stage]), f"upstream/{stage}/reused": True,
-                             f"upstream/{stage}/explicit": True})
+            observed.update(
+                {
+                    f"upstream/{stage}/path": str(paths[stage]),
+                    f"upstream/{stage}/reused": True,
+                    f"upstream/{stage}/explicit": True,
+                }
+            )
             summary.append(f"{stage}: explicit")
             continue
         log.info("all: stage %s (%d/%d)", stage, ORDER.index(stage) + 1, len(ORDER) + 1)
         folder, manifest, reused = artifacts.ensure(stage, cfg, ctx, get_builder(stage))
         elapsed = round(time.time() - started, 3)
         paths[stage] = folder
-        observed.update({f"upstream/{stage}/path": str(folder), f"upstream/{stage}/key": folder.name,
-                         f"upstream/{stage}/reused": reused})
-        ctx.metrics.update({
-            **prefixed(stage, dict(manifest.get("metrics", {}))),
-            **observed,
-            f"time/stage/{stage}_s": elapsed,
-            f"time/stage/{stage}_build_s": manifest.get("build_seconds"),
-        })
+        observed.update(
+            {
+                f"upstream/{stage}/path": str(folder),
+                f"upstream/{stage}/key": folder.name,
+                f"upstream/{stage}/reused": reused,
+            }
+        )
+        ctx.metrics.update(
+            {
+                **prefixed(stage, dict(manifest.get("metrics", {}))),
+                **observed,
+                f"time/stage/{stage}_s": elapsed,
+                f"time/stage/{stage}_build_s": manifest.get("build_seconds"),
+            }
+        )
         how = "reused (built earlier with the same settings)" if reused else f"built in {elapsed:.0f} s"
         log.info("all: %s artifact %s: %s", stage, folder, how)
         summary.append(f"{stage}: {'reused' if reused else 'built'}")

@@ -109,30 +109,47 @@ def sampling_settings(cfg: Any) -> SimpleNamespace:
     """PPO's own sampling (``ppo.temperature``, ``ppo.top_k``, ``ppo.top_p``, ``ppo.stop_at_eos``):
     the policy is judged on the distribution it was trained to sample from."""
     p = cfg.ppo
-    return SimpleNamespace(top_k=int(p.top_k), top_p=float(p.top_p), temperature=float(p.temperature),
-                           stop_at_eos=bool(p.stop_at_eos))
+    return SimpleNamespace(
+        top_k=int(p.top_k), top_p=float(p.top_p), temperature=float(p.temperature), stop_at_eos=bool(p.stop_at_eos)
+    )
 
 
 @torch.no_grad()
 def sample(
-    model: Any, tokenizer: Any, questions: Sequence[str], query_ids: Sequence[Sequence[int]],
-    max_new_tokens: int, batch_size: int, sampling: Any, seed: int, device: torch.device,
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    query_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    sampling: Any,
+    seed: int,
+    device: torch.device,
 ) -> list[Batch]:
     """Responses to every query, ``batch_size`` at a time, torch reseeded before each batch."""
     out: list[Batch] = []
     for b, start in enumerate(range(0, len(query_ids), batch_size)):
-        qs = list(questions[start:start + batch_size])
-        ids = [list(x) for x in query_ids[start:start + batch_size]]
+        qs = list(questions[start : start + batch_size])
+        ids = [list(x) for x in query_ids[start : start + batch_size]]
         torch.manual_seed(batch_seed(seed, b))  # same stream for policy and reference
         ro = generate_rollout(model, tokenizer, qs, ids, [int(max_new_tokens)] * len(ids), sampling, device)
-        out.append(Batch(ro.input_ids.cpu(), ro.attention_mask.cpu(), ro.response_ids.cpu(),
-                         ro.response_mask.cpu(), ro.query_len, list(ro.responses)))
+        out.append(
+            Batch(
+                ro.input_ids.cpu(),
+                ro.attention_mask.cpu(),
+                ro.response_ids.cpu(),
+                ro.response_mask.cpu(),
+                ro.query_len,
+                list(ro.responses),
+            )
+        )
     return out
 
 
 @torch.no_grad()
-def response_logprobs(model: Any, batches: Sequence[Batch], device: torch.device,
-                      temperature: float = 1.0) -> list[torch.Tensor]:
+def response_logprobs(
+    model: Any, batches: Sequence[Batch], device: torch.device, temperature: float = 1.0
+) -> list[torch.Tensor]:
     """Per batch, (b, R) ``log p(y_t | x, y_<t)`` of each response token under ``model``, 0 where masked.
 
     The same path as PPO (``response_hidden`` + ``core.logprobs_from_hidden``, logits / T), so
@@ -142,15 +159,17 @@ def response_logprobs(model: Any, batches: Sequence[Batch], device: torch.device
     out = []
     for bt in batches:
         hidden = response_hidden(model, bt.input_ids.to(device), bt.attention_mask.to(device), bt.query_len)
-        lp, _ = logprobs_from_hidden(hidden, head, bt.response_ids.to(device), chunk=len(hidden),
-                                     temperature=temperature)
+        lp, _ = logprobs_from_hidden(
+            hidden, head, bt.response_ids.to(device), chunk=len(hidden), temperature=temperature
+        )
         lp = lp.float().cpu()  # (b, R)
         out.append(torch.where(bt.response_mask.bool(), lp, torch.zeros_like(lp)))
     return out
 
 
-def sequence_kl(logp: Sequence[torch.Tensor], ref_logp: Sequence[torch.Tensor], batches: Sequence[Batch],
-                estimator: str) -> list[float]:
+def sequence_kl(
+    logp: Sequence[torch.Tensor], ref_logp: Sequence[torch.Tensor], batches: Sequence[Batch], estimator: str
+) -> list[float]:
     """Per response: sum over its tokens of the per-token KL estimate (``ppo.kl_estimator``)."""
     out: list[float] = []
     for lp, ref, bt in zip(logp, ref_logp, batches):
@@ -205,9 +224,15 @@ def _corr(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def summarize(
-    ppo_tokens: list[list[int]], ppo_texts: list[str], sft_tokens: list[list[int]], sft_texts: list[str],
-    reward_ppo: Sequence[float], reward_sft: Sequence[float], kl: Sequence[float],
-    gold_ppo: Sequence[float] | None = None, gold_sft: Sequence[float] | None = None,
+    ppo_tokens: list[list[int]],
+    ppo_texts: list[str],
+    sft_tokens: list[list[int]],
+    sft_texts: list[str],
+    reward_ppo: Sequence[float],
+    reward_sft: Sequence[float],
+    kl: Sequence[float],
+    gold_ppo: Sequence[float] | None = None,
+    gold_sft: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """The ``eval/...`` figures from per-question responses, rewards, KLs (and gold scores)."""
     n = len(ppo_texts)
@@ -237,16 +262,18 @@ def summarize(
             out[f"eval/hack/{key}_{name}"] = value
     if gold_ppo is not None and gold_sft is not None:
         gwr = win_rate(gold_ppo, gold_sft)
-        out.update({
-            "eval/gold_win_rate_vs_sft": gwr,
-            "eval/gold_win_rate_stderr": math.sqrt(gwr * (1 - gwr) / n) if n else float("nan"),
-            "eval/gold_mean_ppo": _mean(gold_ppo),
-            "eval/gold_mean_sft": _mean(gold_sft),
-            "eval/gold_margin_mean": _mean([a - b for a, b in zip(gold_ppo, gold_sft)]),
-            # > 0: the reward model thinks PPO improved more than it truly did (over-optimization)
-            "eval/proxy_gold_win_gap": wr - gwr,
-            "eval/rm_gold_corr": _corr(list(reward_ppo) + list(reward_sft), list(gold_ppo) + list(gold_sft)),
-        })
+        out.update(
+            {
+                "eval/gold_win_rate_vs_sft": gwr,
+                "eval/gold_win_rate_stderr": math.sqrt(gwr * (1 - gwr) / n) if n else float("nan"),
+                "eval/gold_mean_ppo": _mean(gold_ppo),
+                "eval/gold_mean_sft": _mean(gold_sft),
+                "eval/gold_margin_mean": _mean([a - b for a, b in zip(gold_ppo, gold_sft)]),
+                # > 0: the reward model thinks PPO improved more than it truly did (over-optimization)
+                "eval/proxy_gold_win_gap": wr - gwr,
+                "eval/rm_gold_corr": _corr(list(reward_ppo) + list(reward_sft), list(gold_ppo) + list(gold_sft)),
+            }
+        )
     return out
 
 
@@ -256,8 +283,13 @@ def summarize(
 
 
 def compare(
-    cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path,
-    questions: Sequence[str], gold: Callable[[list[str], list[str]], list[float]] | None = None,
+    cfg: Any,
+    ctx: Any,
+    ppo_path: Path,
+    sft_path: Path,
+    rm_path: Path,
+    questions: Sequence[str],
+    gold: Callable[[list[str], list[str]], list[float]] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate, score and compare; returns ``(metrics, one record per question)``."""
     from stackllama.data import format_prompt
@@ -274,11 +306,14 @@ def compare(
     # 1. The PPO policy: its responses and their log-probs under it --------------------
     t0 = time.time()
     model, tok_ppo = load_lm(ppo_path, cfg, device)
-    qs, query_ids, skipped = encode_queries(questions, cfg.data.prompt_template, tok_ppo,
-                                            int(cfg.ppo.max_prompt_length), int(ev.num_questions))
+    qs, query_ids, skipped = encode_queries(
+        questions, cfg.data.prompt_template, tok_ppo, int(cfg.ppo.max_prompt_length), int(ev.num_questions)
+    )
     if not qs:
-        raise ValueError(f"no evaluation question fits ppo.max_prompt_length={cfg.ppo.max_prompt_length} "
-                         f"({skipped} skipped) or the evaluation split is empty")
+        raise ValueError(
+            f"no evaluation question fits ppo.max_prompt_length={cfg.ppo.max_prompt_length} "
+            f"({skipped} skipped) or the evaluation split is empty"
+        )
     if skipped:
         log.info("eval: skipped %d questions longer than %d prompt tokens", skipped, cfg.ppo.max_prompt_length)
     log.info("eval: %d questions, %d new tokens, batches of %d", len(qs), max_new, bs)
@@ -292,9 +327,11 @@ def compare(
     # 2. The SFT reference: its own responses (same seeds), log-probs of PPO's ---------
     model, tok_sft = load_lm(sft_path, cfg, device)
     same_vocab = tok_sft.get_vocab() == tok_ppo.get_vocab()
-    sft_query_ids = query_ids if same_vocab else [
-        tok_sft(format_prompt(cfg.data.prompt_template, q), add_special_tokens=False)["input_ids"] for q in qs
-    ]
+    sft_query_ids = (
+        query_ids
+        if same_vocab
+        else [tok_sft(format_prompt(cfg.data.prompt_template, q), add_special_tokens=False)["input_ids"] for q in qs]
+    )
     with precision.autocast(mixed, device):
         sft_batches = sample(model, tok_sft, qs, sft_query_ids, max_new, bs, sampling, seed, device)
     if same_vocab:
@@ -313,10 +350,15 @@ def compare(
     sft_tokens = [t for bt in sft_batches for t in bt.token_lists()]
 
     # 3. Reward model (the proxy) and gold scorer (the truth, synthetic data only) ------
-    scorer = RewardScorer.from_pretrained(rm_path, device=device, batch_size=int(cfg.ppo.reward_batch_size),
-                                          max_length=int(cfg.rm.max_length),  # as PPO scores
-                                          template=cfg.data.prompt_template, quant_cfg=cfg.quantization,
-                                          mixed_precision=mixed)
+    scorer = RewardScorer.from_pretrained(
+        rm_path,
+        device=device,
+        batch_size=int(cfg.ppo.reward_batch_size),
+        max_length=int(cfg.rm.max_length),  # as PPO scores
+        template=cfg.data.prompt_template,
+        quant_cfg=cfg.quantization,
+        mixed_precision=mixed,
+    )
     reward_ppo = scorer.score(qs, ppo_texts).tolist()
     reward_sft = scorer.score(qs, sft_texts).tolist()
     del scorer
@@ -327,20 +369,28 @@ def compare(
         gold_sft = [float(x) for x in gold(list(qs), sft_texts)]
     t3 = time.time()
 
-    metrics.update(summarize(ppo_tokens, ppo_texts, sft_tokens, sft_texts, reward_ppo, reward_sft, kl,
-                             gold_ppo, gold_sft))
-    metrics.update({
-        "eval/skipped_too_long": skipped,
-        "time/eval/ppo_s": round(t1 - t0, 3),
-        "time/eval/sft_s": round(t2 - t1, 3),
-        "time/eval/score_s": round(t3 - t2, 3),
-    })
+    metrics.update(
+        summarize(ppo_tokens, ppo_texts, sft_tokens, sft_texts, reward_ppo, reward_sft, kl, gold_ppo, gold_sft)
+    )
+    metrics.update(
+        {
+            "eval/skipped_too_long": skipped,
+            "time/eval/ppo_s": round(t1 - t0, 3),
+            "time/eval/sft_s": round(t2 - t1, 3),
+            "time/eval/score_s": round(t3 - t2, 3),
+        }
+    )
     records = []
     for i, q in enumerate(qs):
         rec = {
-            "question": q, "sft": sft_texts[i], "ppo": ppo_texts[i],
-            "reward_sft": reward_sft[i], "reward_ppo": reward_ppo[i], "kl": kl[i],
-            "len_sft": len(sft_tokens[i]), "len_ppo": len(ppo_tokens[i]),
+            "question": q,
+            "sft": sft_texts[i],
+            "ppo": ppo_texts[i],
+            "reward_sft": reward_sft[i],
+            "reward_ppo": reward_ppo[i],
+            "kl": kl[i],
+            "len_sft": len(sft_tokens[i]),
+            "len_ppo": len(ppo_tokens[i]),
         }
         if gold_ppo is not None and gold_sft is not None:
             rec.update({"gold_sft": gold_sft[i], "gold_ppo": gold_ppo[i]})
@@ -356,8 +406,9 @@ def evaluate(cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path) 
     started = time.time()
     splits = build_dataset(cfg.data)
     gold = gold_scorer(cfg.data)
-    metrics, records = compare(cfg, ctx, Path(ppo_path), Path(sft_path), Path(rm_path),
-                               list(splits.evaluation["question"]), gold)
+    metrics, records = compare(
+        cfg, ctx, Path(ppo_path), Path(sft_path), Path(rm_path), list(splits.evaluation["question"]), gold
+    )
     metrics["time/stage/eval_s"] = round(time.time() - started, 3)
     ctx.metrics.update(metrics)
     with open(Path(ctx.run_dir) / "eval_samples.jsonl", "w") as fh:
@@ -370,11 +421,20 @@ def evaluate(cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path) 
     ctx.metrics.update({"eval/report": str(report)})
     gold_txt = ""
     if "eval/gold_win_rate_vs_sft" in metrics:
-        gold_txt = (f"; gold win rate {metrics['eval/gold_win_rate_vs_sft']:.3f}, gold mean "
-                    f"{metrics['eval/gold_mean_sft']:.3f} -> {metrics['eval/gold_mean_ppo']:.3f}")
-    log.info("eval: PPO beats SFT in %.3f of %d questions (RM); reward %.3f -> %.3f; KL %.3f%s. Report: %s",
-             metrics[OBJECTIVE], metrics["eval/num_questions"], metrics["eval/reward_mean_sft"],
-             metrics["eval/reward_mean_ppo"], metrics["eval/kl_mean"], gold_txt, report)
+        gold_txt = (
+            f"; gold win rate {metrics['eval/gold_win_rate_vs_sft']:.3f}, gold mean "
+            f"{metrics['eval/gold_mean_sft']:.3f} -> {metrics['eval/gold_mean_ppo']:.3f}"
+        )
+    log.info(
+        "eval: PPO beats SFT in %.3f of %d questions (RM); reward %.3f -> %.3f; KL %.3f%s. Report: %s",
+        metrics[OBJECTIVE],
+        metrics["eval/num_questions"],
+        metrics["eval/reward_mean_sft"],
+        metrics["eval/reward_mean_ppo"],
+        metrics["eval/kl_mean"],
+        gold_txt,
+        report,
+    )
     return float(metrics[OBJECTIVE])
 
 
@@ -388,5 +448,15 @@ def run(cfg: Any, ctx: Any) -> float:
     return evaluate(cfg, ctx, ppo_path, sft_path, rm_path)
 
 
-__all__ = ["run", "evaluate", "compare", "summarize", "win_rate", "eval_questions", "sample",
-           "response_logprobs", "sequence_kl", "OBJECTIVE"]
+__all__ = [
+    "run",
+    "evaluate",
+    "compare",
+    "summarize",
+    "win_rate",
+    "eval_questions",
+    "sample",
+    "response_logprobs",
+    "sequence_kl",
+    "OBJECTIVE",
+]

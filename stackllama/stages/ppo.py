@@ -43,7 +43,9 @@ def load_policy(cfg: Any, sft_path: Path, device: torch.device) -> tuple[PolicyW
     lm = load_model(sft_path, "causal_lm", cfg.quantization, ppo_lora(cfg), cfg.model.dtype, device, tok)
     reference = None
     if not cfg.lora.enabled:
-        reference = load_model(sft_path, "causal_lm", cfg.quantization, None, cfg.model.dtype, device, tok, trainable=False)
+        reference = load_model(
+            sft_path, "causal_lm", cfg.quantization, None, cfg.model.dtype, device, tok, trainable=False
+        )
     policy = PolicyWithValueHead(lm, reference, cache_frozen_prefix=bool(cfg.ppo.cache_frozen_prefix)).to(device)
     policy.eval()  # no dropout in rollouts, old log-probs or updates: ratios start at exactly 1
     return policy, tok
@@ -55,8 +57,14 @@ def save_policy(cfg: Any, policy: PolicyWithValueHead, tok: Any, sft_path: Path,
     if cfg.lora.enabled:
         adapter_dir = work_dir / "adapter"
         policy.lm.save_pretrained(str(adapter_dir))
-        merge_adapter_into_base(sft_path, adapter_dir, out_dir, "causal_lm", cfg.quantization.compute_dtype
-                                if cfg.quantization.mode != "none" else cfg.model.dtype, tok)
+        merge_adapter_into_base(
+            sft_path,
+            adapter_dir,
+            out_dir,
+            "causal_lm",
+            cfg.quantization.compute_dtype if cfg.quantization.mode != "none" else cfg.model.dtype,
+            tok,
+        )
     else:
         policy.lm.save_pretrained(str(out_dir))
         tok.save_pretrained(str(out_dir))
@@ -69,16 +77,20 @@ def trainable_norm(policy: PolicyWithValueHead) -> float:
 
 def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ValueError("stage=ppo trains data-parallel by averaging gradients itself; DeepSpeed ZeRO configs apply to "
-                         "stage=sft and stage=rm. Launch PPO with conf/accelerate/ddp.yaml")
+        raise ValueError(
+            "stage=ppo trains data-parallel by averaging gradients itself; DeepSpeed ZeRO configs apply to "
+            "stage=sft and stage=rm. Launch PPO with conf/accelerate/ddp.yaml"
+        )
     sft_path = artifacts.require("sft", cfg, ctx, explicit=cfg.ppo.policy_path)
     rm_path = artifacts.require("rm", cfg, ctx, explicit=cfg.ppo.reward_model_path)
     splits = build_dataset(cfg.data)
     if len(splits.rl) == 0:
         from stackllama.data import NoUsableRecords, data_location
 
-        raise NoUsableRecords(f"No usable records for PPO in {data_location(cfg.data)}: the rl split holds no "
-                              "question; raise data.splits.rl or use more data")
+        raise NoUsableRecords(
+            f"No usable records for PPO in {data_location(cfg.data)}: the rl split holds no "
+            "question; raise data.splits.rl or use more data"
+        )
     gold = gold_scorer(cfg.data)
 
     policy, tok = load_policy(cfg, sft_path, ctx.device)
@@ -91,16 +103,30 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     if dist.rank:
         torch.manual_seed(seed)
     reward = RewardScorer.from_pretrained(
-        rm_path, device=ctx.device, batch_size=int(cfg.ppo.reward_batch_size),
+        rm_path,
+        device=ctx.device,
+        batch_size=int(cfg.ppo.reward_batch_size),
         max_length=int(cfg.rm.max_length),  # score texts as the RM saw them in training
-        template=cfg.data.prompt_template, quant_cfg=cfg.quantization, mixed_precision=mixed,
+        template=cfg.data.prompt_template,
+        quant_cfg=cfg.quantization,
+        mixed_precision=mixed,
     )
-    prompts = PromptSource(list(splits.rl["question"]), list(splits.rl["query"]), tok,
-                           int(cfg.ppo.max_prompt_length), seed)
+    prompts = PromptSource(
+        list(splits.rl["question"]), list(splits.rl["query"]), tok, int(cfg.ppo.max_prompt_length), seed
+    )
     trainer = PPOTrainer(
-        cfg.ppo, policy, tok, reward.score, prompts, ctx.device, seed,
-        checkpoint_dir=work_dir / "checkpoints", tracker=ctx.tracker, gold_scorer=gold,
-        samples_path=ctx.run_dir / "ppo_samples.jsonl", mixed_precision=mixed,
+        cfg.ppo,
+        policy,
+        tok,
+        reward.score,
+        prompts,
+        ctx.device,
+        seed,
+        checkpoint_dir=work_dir / "checkpoints",
+        tracker=ctx.tracker,
+        gold_scorer=gold,
+        samples_path=ctx.run_dir / "ppo_samples.jsonl",
+        mixed_precision=mixed,
     )
     resumed_from = trainer.resume() if cfg.ppo.resume else 0
     history = trainer.train(on_step=lambda s: ctx.metrics.update({"ppo/last_step": s["ppo/step"]}))
@@ -118,15 +144,21 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     # Sweep objective: the end reward at bounded KL (overshooting ppo.target costs 1:1).
     overshoot = max(0.0, metrics.get("objective/kl_end", 0.0) - float(cfg.ppo.target))
     metrics["ppo/objective"] = metrics.get("ppo/reward_mean_end", float("nan")) - overshoot
-    metrics.update({
-        "ppo/resumed_from_step": resumed_from,
-        "data/rl_prompts": len(prompts.query_ids),
-        "data/skipped_prompts_too_long": prompts.skipped_too_long,
-        "ppo/episodes": len(history) * int(cfg.ppo.batch_size) * dist.world_size,
-        **count_parameters(policy),
-    })
-    log.info("PPO: reward %.3f -> %.3f, KL end %.3f", metrics.get("ppo/reward_mean_start", float("nan")),
-             metrics.get("ppo/reward_mean_end", float("nan")), metrics.get("objective/kl_end", float("nan")))
+    metrics.update(
+        {
+            "ppo/resumed_from_step": resumed_from,
+            "data/rl_prompts": len(prompts.query_ids),
+            "data/skipped_prompts_too_long": prompts.skipped_too_long,
+            "ppo/episodes": len(history) * int(cfg.ppo.batch_size) * dist.world_size,
+            **count_parameters(policy),
+        }
+    )
+    log.info(
+        "PPO: reward %.3f -> %.3f, KL end %.3f",
+        metrics.get("ppo/reward_mean_start", float("nan")),
+        metrics.get("ppo/reward_mean_end", float("nan")),
+        metrics.get("objective/kl_end", float("nan")),
+    )
     return metrics
 
 

@@ -62,8 +62,14 @@ def clear_pairs(dataset: Any, min_margin: int) -> Any:
 
 
 def encode_train_pairs(
-    dataset: Any, tokenizer: Any, template: str, max_length: int | None, cap: int | None, seed: int,
-    chunk: int = 512, group_by_question: bool = False,
+    dataset: Any,
+    tokenizer: Any,
+    template: str,
+    max_length: int | None,
+    cap: int | None,
+    seed: int,
+    chunk: int = 512,
+    group_by_question: bool = False,
 ) -> tuple[dict[str, list], int, int]:
     """Token ids of ``cap`` pairs (all when None) no longer than ``max_length``, in shuffled order.
 
@@ -89,7 +95,7 @@ def encode_train_pairs(
     for start in range(0, len(order), chunk):
         if len(cols["chosen_ids"]) >= limit:
             break
-        idx = order[start:start + chunk]
+        idx = order[start : start + chunk]
         rows = dataset.select(idx)
         qs = rows["question"]
         chosen = encode_reward_texts(tokenizer, [format_text(template, q, a) for q, a in zip(qs, rows["chosen"])])
@@ -134,7 +140,7 @@ def evaluate_pairs(scorer: RewardScorer, pairs: Any) -> tuple[dict[str, float], 
     scores = scorer.score([q for q, _ in distinct], [a for _, a in distinct])
     row = {t: i for i, t in enumerate(distinct)}
     both = scores[torch.tensor([row[t] for t in texts], dtype=torch.long)] if texts else scores
-    chosen, rejected = both[:len(qs)], both[len(qs):]
+    chosen, rejected = both[: len(qs)], both[len(qs) :]
     return pairwise_metrics(chosen, rejected), chosen, rejected
 
 
@@ -196,8 +202,15 @@ def save_merged(cfg: Any, model: Any, tokenizer: Any, base_path: Path, work_dir:
 
             adapter = work_dir / "adapter"
             model.save_pretrained(str(adapter))  # LoRA weights + the score head (modules_to_save)
-            merge_adapter_into_base(base_path, adapter, out_dir, "seq_cls", cfg.quantization.compute_dtype, tokenizer,
-                                    num_layers=cfg.rm.num_layers)
+            merge_adapter_into_base(
+                base_path,
+                adapter,
+                out_dir,
+                "seq_cls",
+                cfg.quantization.compute_dtype,
+                tokenizer,
+                num_layers=cfg.rm.num_layers,
+            )
             return "reloaded_unquantized"
         merged = model.merge_and_unload()
     else:
@@ -230,45 +243,76 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
         raise NoUsableRecords(
             f"No usable records for the reward model in {data_location(cfg.data)}: the reward split's "
             f"{splits.stats.get('data/reward_questions', 0)} questions give no pair of answers with different "
-            "votes (pm_score); raise data.splits.reward or use more data")
+            "votes (pm_score); raise data.splits.reward or use more data"
+        )
     tokenizer = load_tokenizer(base_path, padding_side="right")
 
     grouped = bool(rm.group_by_question)
     train_pairs = clear_pairs(splits.reward, int(rm.min_pm_margin))
     metrics["data/below_pm_margin"] = len(splits.reward) - len(train_pairs)
     if metrics["data/below_pm_margin"]:
-        log.info("rm: %d of %d pairs differ by less than rm.min_pm_margin=%d in pm_score; not trained on",
-                 metrics["data/below_pm_margin"], len(splits.reward), int(rm.min_pm_margin))
-    cols, dropped, examined = encode_train_pairs(train_pairs, tokenizer, template, max_length,
-                                                 rm.max_train_pairs, seed, group_by_question=grouped)
+        log.info(
+            "rm: %d of %d pairs differ by less than rm.min_pm_margin=%d in pm_score; not trained on",
+            metrics["data/below_pm_margin"],
+            len(splits.reward),
+            int(rm.min_pm_margin),
+        )
+    cols, dropped, examined = encode_train_pairs(
+        train_pairs, tokenizer, template, max_length, rm.max_train_pairs, seed, group_by_question=grouped
+    )
     if not cols["chosen_ids"]:
-        raise ValueError(f"no reward pairs left to train on: {dropped} of {examined} examined are longer than "
-                         f"rm.max_length={max_length} tokens")
+        raise ValueError(
+            f"no reward pairs left to train on: {dropped} of {examined} examined are longer than "
+            f"rm.max_length={max_length} tokens"
+        )
     evaluation = eval_pairs(splits.evaluation, rm.max_eval_pairs, seed)
     if len(evaluation) == 0:
         raise ValueError("the evaluation split holds no pairs: raise data.splits.evaluation or data.max_questions")
-    metrics.update({
-        "data/train_pairs": len(cols["chosen_ids"]),
-        "data/eval_pairs": len(evaluation),
-        "data/dropped_too_long": dropped,
-        "data/examined_pairs": examined,
-    })
-    log.info("rm: %d training pairs (%d of %d examined dropped as longer than %d tokens), %d eval pairs%s",
-             len(cols["chosen_ids"]), dropped, examined, max_length, len(evaluation),
-             ", pairs grouped by question" if grouped else "")
+    metrics.update(
+        {
+            "data/train_pairs": len(cols["chosen_ids"]),
+            "data/eval_pairs": len(evaluation),
+            "data/dropped_too_long": dropped,
+            "data/examined_pairs": examined,
+        }
+    )
+    log.info(
+        "rm: %d training pairs (%d of %d examined dropped as longer than %d tokens), %d eval pairs%s",
+        len(cols["chosen_ids"]),
+        dropped,
+        examined,
+        max_length,
+        len(evaluation),
+        ", pairs grouped by question" if grouped else "",
+    )
 
     def load() -> Any:
-        return load_model(base_path, "seq_cls", cfg.quantization, rm.lora, dtype=cfg.model.dtype,
-                          device=ctx.device, tokenizer=tokenizer,
-                          gradient_checkpointing=bool(rm.gradient_checkpointing), num_layers=rm.num_layers)
+        return load_model(
+            base_path,
+            "seq_cls",
+            cfg.quantization,
+            rm.lora,
+            dtype=cfg.model.dtype,
+            device=ctx.device,
+            tokenizer=tokenizer,
+            gradient_checkpointing=bool(rm.gradient_checkpointing),
+            num_layers=rm.num_layers,
+        )
 
     model = load()
     metrics.update(count_parameters(model))
     main = distributed.is_main()  # under DDP every rank trains; rank 0 alone evaluates and saves
 
     def scorer(net: Any, mixed_precision: str = precision.run_mode(cfg)) -> RewardScorer:
-        return RewardScorer(net, tokenizer, template, batch_size=int(rm.eval_batch_size),
-                            max_length=max_length, device=ctx.device, mixed_precision=mixed_precision)
+        return RewardScorer(
+            net,
+            tokenizer,
+            template,
+            batch_size=int(rm.eval_batch_size),
+            max_length=max_length,
+            device=ctx.device,
+            mixed_precision=mixed_precision,
+        )
 
     started = time.time()
     before = {"accuracy": float("nan"), "margin": float("nan")}
@@ -301,8 +345,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
         if name in dtypes and p.dtype != dtypes[name]:
             p.data = p.data.to(dtypes[name])
     started = time.time()
-    log.info("rm: training on %d pairs (eval accuracy before training %.3f) ...", len(train_set),
-             before["accuracy"])
+    log.info("rm: training on %d pairs (eval accuracy before training %.3f) ...", len(train_set), before["accuracy"])
     result = trainer.train()
     metrics["train/seconds"] = round(time.time() - started, 2)
     metrics["train/loss"] = float(result.training_loss)
@@ -315,8 +358,11 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
         return metrics
 
     started = time.time()
-    log.info("rm: trained in %.0f s (loss %.4f); scoring the held-out pairs ...", metrics["train/seconds"],
-             metrics["train/loss"])
+    log.info(
+        "rm: trained in %.0f s (loss %.4f); scoring the held-out pairs ...",
+        metrics["train/seconds"],
+        metrics["train/loss"],
+    )
     after, chosen, rejected = evaluate_pairs(scorer(model), evaluation)
     metrics["eval/accuracy"] = after["accuracy"]
     metrics["eval/margin"] = after["margin"]
@@ -336,23 +382,34 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
         expected = scorer(model, "no").score(list(check["question"]), list(check["chosen"]))
     metrics["merge/method"] = save_merged(cfg, model, tokenizer, base_path, work_dir, out_dir)
     del trainer, model
-    reloaded = RewardScorer.from_pretrained(out_dir, device=ctx.device, batch_size=int(rm.eval_batch_size),
-                                            max_length=max_length, template=template,
-                                            dtype=_saved_dtype(cfg))
+    reloaded = RewardScorer.from_pretrained(
+        out_dir,
+        device=ctx.device,
+        batch_size=int(rm.eval_batch_size),
+        max_length=max_length,
+        template=template,
+        dtype=_saved_dtype(cfg),
+    )
     got = reloaded.score(list(check["question"]), list(check["chosen"]))
     diff = float((got - expected).abs().max())
     metrics["eval/merge_max_abs_diff"] = diff
     scale = 1.0 + float(expected.abs().max())
     if cfg.quantization.mode == "none" and _saved_dtype(cfg) == "float32" and diff > 1e-3 * scale:
-        raise RuntimeError(f"the merged reward model scores differ from the trained one by {diff:.4g}: "
-                           "the score head or adapters were not merged correctly")
+        raise RuntimeError(
+            f"the merged reward model scores differ from the trained one by {diff:.4g}: "
+            "the score head or adapters were not merged correctly"
+        )
     if diff > 5e-2 * scale:
         log.warning("merged reward model differs from the trained one by up to %.4g", diff)
     ctx.tracker.log({k2: v for k2, v in metrics.items() if k2.startswith("eval/") and isinstance(v, float)})
-    log.info("rm: eval accuracy %.3f (before %.3f, gold %s), margin %.3f, merge diff %.2g",
-             metrics["eval/accuracy"], metrics.get("eval/accuracy_before", float("nan")),
-             f"{metrics['eval/gold_accuracy']:.3f}" if "eval/gold_accuracy" in metrics else "n/a",
-             metrics["eval/margin"], diff)
+    log.info(
+        "rm: eval accuracy %.3f (before %.3f, gold %s), margin %.3f, merge diff %.2g",
+        metrics["eval/accuracy"],
+        metrics.get("eval/accuracy_before", float("nan")),
+        f"{metrics['eval/gold_accuracy']:.3f}" if "eval/gold_accuracy" in metrics else "n/a",
+        metrics["eval/margin"],
+        diff,
+    )
     return metrics
 
 

@@ -56,7 +56,7 @@ class GroupedPairSampler(torch.utils.data.Sampler):
         self.epoch += 1
         order = sorted(range(len(self.groups)), key=lambda i: (self.lengths[i], rng.random()))
         stream = [pair for i in order for pair in self.groups[i]]
-        batches = [stream[i:i + self.batch_size] for i in range(0, len(stream), self.batch_size)]
+        batches = [stream[i : i + self.batch_size] for i in range(0, len(stream), self.batch_size)]
         tail = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
         rng.shuffle(batches)
         batches += tail
@@ -91,10 +91,13 @@ class DedupPreferenceCollator:
         input_ids = torch.full((len(distinct), width), self.pad_token_id, dtype=torch.long)  # [U, T]
         attention_mask = torch.zeros((len(distinct), width), dtype=torch.long)  # [U, T]
         for row, seq in enumerate(distinct):
-            input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, :len(seq)] = 1
-        out = {"input_ids": input_ids, "attention_mask": attention_mask,
-               "pair_index": torch.tensor(index, dtype=torch.long)}  # [2P]
+            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, : len(seq)] = 1
+        out = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pair_index": torch.tensor(index, dtype=torch.long),
+        }  # [2P]
         if "margin" in examples[0]:
             out["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
         return out
@@ -104,7 +107,7 @@ def length_chunks(lengths: Sequence[int], chunk_size: int | None) -> list[list[i
     """Row indices sorted by length, cut every ``chunk_size`` (None: one chunk of all rows)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     size = len(order) if not chunk_size else max(1, int(chunk_size))
-    return [order[i:i + size] for i in range(0, len(order), size)] if order else []
+    return [order[i : i + size] for i in range(0, len(order), size)] if order else []
 
 
 class _ExpandedModel:
@@ -131,8 +134,9 @@ class _ExpandedModel:
         for rows in chunks:
             rows_t = torch.tensor(rows, device=input_ids.device)
             width = int(max(lengths[r] for r in rows))
-            outputs = self.model(input_ids=input_ids[rows_t, :width], attention_mask=attention_mask[rows_t, :width],
-                                 **kwargs)
+            outputs = self.model(
+                input_ids=input_ids[rows_t, :width], attention_mask=attention_mask[rows_t, :width], **kwargs
+            )
             logits.append(outputs.logits)  # [C, 1]
         position = torch.empty(len(lengths), dtype=torch.long, device=input_ids.device)
         position[[r for rows in chunks for r in rows]] = torch.arange(len(lengths), device=input_ids.device)
@@ -151,15 +155,15 @@ def grouped_reward_trainer(pair_groups: list[list[int]], group_lengths: list[int
 
     class GroupedRewardTrainer(RewardTrainer):
         def _get_train_sampler(self, train_dataset=None):
-            return GroupedPairSampler(pair_groups, group_lengths, self.args.per_device_train_batch_size,
-                                      self.args.seed)
+            return GroupedPairSampler(pair_groups, group_lengths, self.args.per_device_train_batch_size, self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             pair_index = inputs.pop("pair_index", None)
             if pair_index is not None:
                 model = _ExpandedModel(model, pair_index, chunk_size)
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
     return GroupedRewardTrainer
 

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from stackllama import distributed, precision, sft_utils
 from stackllama.models.loader import load_model, load_tokenizer, model_folder, torch_dtype
 from stackllama.tracking import trainer_callback
@@ -48,8 +47,13 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_path)
     model = load_policy(cfg, ctx, base_path, tokenizer)
     metrics: dict[str, Any] = {**splits.stats, **sft_utils.count_parameters(model)}
-    metrics.update({"data/sft_train_texts": len(train_ds), "data/sft_eval_texts": len(held_ds),
-                    "data/sft_eval_questions": len(set(held_ds["question"]))})
+    metrics.update(
+        {
+            "data/sft_train_texts": len(train_ds),
+            "data/sft_eval_texts": len(held_ds),
+            "data/sft_eval_questions": len(set(held_ds["question"])),
+        }
+    )
 
     held_texts = list(held_ds["text"])
     if main:
@@ -64,9 +68,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
         return metrics
 
     metrics["eval/perplexity"] = held_out_perplexity(cfg, ctx, model, tokenizer, held_texts)
-    log.info(
-        "Held-out perplexity: %.3f -> %.3f", metrics["eval/perplexity_before"], metrics["eval/perplexity"]
-    )
+    log.info("Held-out perplexity: %.3f -> %.3f", metrics["eval/perplexity_before"], metrics["eval/perplexity"])
 
     merged = merge(cfg, ctx, model, base_path, work_dir)
     del trainer, model
@@ -84,9 +86,7 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
 
 def load_texts(cfg: Any):
     """The finetune split as (splits, training texts, held-out texts)."""
-    from stackllama.data import build_dataset
-
-    from stackllama.data import NoUsableRecords, data_location
+    from stackllama.data import NoUsableRecords, build_dataset, data_location
 
     splits = build_dataset(cfg.data)
     finetune = splits.finetune
@@ -94,14 +94,21 @@ def load_texts(cfg: Any):
         raise NoUsableRecords(
             f"No usable records for SFT in {data_location(cfg.data)}: the finetune split's "
             f"{splits.stats.get('data/finetune_questions', 0)} questions have no answer voted above another "
-            "(an SFT text is an answer that wins a pair); raise data.splits.finetune or use more data")
+            "(an SFT text is an answer that wins a pair); raise data.splits.finetune or use more data"
+        )
     questions = len(set(finetune["question"]))
     fraction, cap = float(cfg.sft.eval_fraction), int(cfg.sft.eval_size)
     train_ds, held_ds = sft_utils.hold_out_questions(finetune, cap, int(cfg.seed), fraction)
     held_questions = len(set(held_ds["question"]))
-    log.info("SFT held out %d of %d finetune questions (%d texts) for perplexity: sft.eval_fraction=%g of the "
-             "questions, at most sft.eval_size=%d texts, at least one question left to train on",
-             held_questions, questions, len(held_ds), fraction, cap)
+    log.info(
+        "SFT held out %d of %d finetune questions (%d texts) for perplexity: sft.eval_fraction=%g of the "
+        "questions, at most sft.eval_size=%d texts, at least one question left to train on",
+        held_questions,
+        questions,
+        len(held_ds),
+        fraction,
+        cap,
+    )
     if len(held_ds) == 0:
         log.warning("SFT holds out nothing (%d finetune question(s)): eval/perplexity will be NaN", questions)
     train_ds = sft_utils.cap_texts(train_ds, cfg.sft.max_train_texts, int(cfg.seed))
@@ -176,8 +183,11 @@ def checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     """
     from transformers import TrainingArguments
 
-    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
         else "gradient_checkpointing"
+    )
     if not enabled:
         return {name: False}
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
@@ -253,8 +263,12 @@ def train(cfg: Any, trainer: Any, work_dir: Path) -> dict[str, Any]:
         # only after a step, so resuming from it would train one step more (train/steps=3 for
         # max_steps=2) and one artifact key would hold two different models. Let the Trainer restore
         # the checkpoint (weights, state; under DeepSpeed/FSDP too) and stop it before that step.
-        log.info("SFT checkpoint %s is at step %d of sft.max_steps=%d: restoring it, nothing left to train",
-                 checkpoint, step, int(cfg.sft.max_steps))
+        log.info(
+            "SFT checkpoint %s is at step %d of sft.max_steps=%d: restoring it, nothing left to train",
+            checkpoint,
+            step,
+            int(cfg.sft.max_steps),
+        )
         trainer.add_callback(_stop_before_training())
         try:
             trainer.train(resume_from_checkpoint=checkpoint)
@@ -301,9 +315,7 @@ def log_samples(cfg: Any, ctx: Any, model: Any, tokenizer: Any, held_ds: Any) ->
     if not questions:
         return
     prompts = [format_prompt(cfg.data.prompt_template, q).rstrip() for q in questions]
-    responses = sft_utils.generate_responses(
-        model, tokenizer, prompts, int(cfg.sft.sample_max_new_tokens), ctx.device
-    )
+    responses = sft_utils.generate_responses(model, tokenizer, prompts, int(cfg.sft.sample_max_new_tokens), ctx.device)
     rows = list(zip(questions, responses))
     ctx.tracker.log_table("sft/samples", ["question", "response"], [list(r) for r in rows])
     path = Path(ctx.run_dir) / SAMPLES_FILE
