@@ -2,8 +2,9 @@
 
 Each stage's output lives in ``<artifacts_dir>/<stage>/<key>/`` where ``key`` hashes every
 setting that changes the result (model, data, quantization, LoRA, the stage's own settings,
-seed) plus the keys of its upstream artifacts. So ``stage=ppo`` finds the SFT and RM models
-it needs, or builds them first, and a sweep over PPO settings builds them once.
+seed) plus the keys of its upstream artifacts. The store finds or builds one artifact
+(``ensure``); which artifacts a stage needs, and in what order, is the pipeline's business
+(``stackllama/pipeline.py``), so a sweep over PPO settings builds the SFT and RM models once.
 
 Safety: a build runs under a file lock (a second job needing the same artifact waits, then
 reuses it); it writes into ``<key>.work/`` (checkpoints live there, so a re-run resumes) and
@@ -17,7 +18,6 @@ is published, the build fails naming the file and tensor (``check_finite_weights
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -57,8 +57,18 @@ def _section(cfg: Any, name: str) -> Any:
     return _keyed(node, unkeyed(typing.get_type_hints(Config)[name]))
 
 
+# The config sections each artifact's key holds besides model, data, quantization, seed and precision.
+SECTIONS = {"sft": ("lora", "sft"), "rm": ("rm",), "ppo": ("lora", "ppo")}
+
+
 def key_material(stage: str, cfg: Any) -> dict[str, Any]:
-    """Everything that determines ``stage``'s output, upstream keys included."""
+    """Everything that determines ``stage``'s output: its settings (the schema's keyed fields) and,
+    per input of the pipeline graph (``config.PIPELINE``), the explicit path or the upstream key."""
+    from stackllama import precision
+    from stackllama.config import PIPELINE
+
+    if stage not in SECTIONS:
+        raise ValueError(f"no artifact for stage {stage!r}")
     material: dict[str, Any] = {
         "stage": stage,
         "model": _section(cfg, "model"),
@@ -66,29 +76,17 @@ def key_material(stage: str, cfg: Any) -> dict[str, Any]:
         "quantization": _section(cfg, "quantization"),
         "seed": int(cfg.seed),
     }
-    from stackllama import precision
-
     mixed = precision.run_mode(cfg)
     if mixed != "no":  # absent when off, so fp32 keys stay as they were before the setting
         material["mixed_precision"] = mixed
-    if stage == "sft":
-        material["lora"] = _section(cfg, "lora")
-        material["sft"] = _section(cfg, "sft")
-    elif stage == "rm":
-        material["rm"] = _section(cfg, "rm")
-        material["upstream"] = {"base": cfg.rm.model_path or f"sft:{stage_key('sft', cfg)}"}
-    elif stage == "ppo":
-        material["lora"] = _section(cfg, "lora")
-        material["ppo"] = _section(cfg, "ppo")
-        material["upstream"] = {
-            "policy": cfg.ppo.policy_path or f"sft:{stage_key('sft', cfg)}",
-            "reward": cfg.ppo.reward_model_path or f"rm:{stage_key('rm', cfg)}",
-        }
-    elif stage == "eval":
-        material["eval"] = _section(cfg, "eval")
-        material["upstream"] = {"ppo": stage_key("ppo", cfg)}
-    else:
-        raise ValueError(f"no artifact for stage {stage!r}")
+    for name in SECTIONS[stage]:
+        material[name] = _section(cfg, name)
+    upstream = {}
+    for name, setting in PIPELINE[stage].items():
+        given = OmegaConf.select(cfg, setting) if setting else None
+        upstream[name] = given or f"{name}:{stage_key(name, cfg)}"
+    if upstream:
+        material["upstream"] = upstream
     return material
 
 
@@ -171,32 +169,6 @@ def _first_non_finite(named: Any, path: Path, stage: str) -> int:
     return n
 
 
-@contextlib.contextmanager
-def seeded_rng(seed: int):
-    """Run a build from ``seed`` and give the caller its RNG state back afterwards.
-
-    A build nested in another (PPO needing SFT first) then starts from the same state as
-    when run on its own, and the outer build continues as if the inner artifact had been
-    reused: a sweep job that happened to build SFT/RM gets the same PPO result as the jobs
-    that reused them.
-    """
-    import random
-
-    import numpy as np
-    import torch
-    from transformers import set_seed
-
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []  # this rank's GPU only
-    with torch.random.fork_rng(devices=devices):
-        set_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
 def _lock_for(final: Path, stage: str) -> FileLock:
     """The build lock of ``final``, held on return (waits for another job building it)."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -254,8 +226,10 @@ def ensure(stage: str, cfg: Any, ctx: Any, build: BuildFn) -> tuple[Path, dict[s
             final,
             f" (rank {dist.rank} of {dist.world_size})" if dist.is_distributed else "",
         )
-        with seeded_rng(int(cfg.seed)):
-            metrics = build(cfg, ctx, work, out)
+        from transformers import set_seed
+
+        set_seed(int(cfg.seed))  # every build starts from the seed (inputs are resolved before, never nested)
+        metrics = build(cfg, ctx, work, out)
 
         def publish() -> dict[str, Any]:  # rank 0 (or the only process)
             check_finite_weights(tmp, stage)  # a diverged model is never published
@@ -281,33 +255,3 @@ def ensure(stage: str, cfg: Any, ctx: Any, build: BuildFn) -> tuple[Path, dict[s
     finally:
         for lock in held:
             lock.release()
-
-
-def require(stage: str, cfg: Any, ctx: Any, explicit: str | None = None) -> Path:
-    """Path of an upstream artifact: ``explicit`` when given, else found or built first."""
-    if explicit:
-        path = Path(os.path.expanduser(explicit))
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{stage} model path {path} holds no config.json")
-        ctx.metrics.update({f"upstream/{stage}/path": str(path), f"upstream/{stage}/reused": True})
-        return path
-    from stackllama.stages import get_builder
-
-    folder, _, reused = ensure(stage, cfg, ctx, get_builder(stage))
-    # a job that built an artifact and then needs it again (RM, then PPO, both need SFT) built it
-    reused = reused and ctx.metrics.values.get(f"upstream/{stage}/reused", True) is not False
-    ctx.metrics.update({f"upstream/{stage}/path": str(folder), f"upstream/{stage}/reused": reused})
-    return folder
-
-
-def run_stage(stage: str, cfg: Any, ctx: Any) -> tuple[Path, dict[str, Any]]:
-    """Run ``stage`` as the requested job: build (or reuse) its artifact, record its metrics."""
-    from stackllama.stages import get_builder
-
-    folder, manifest, reused = ensure(stage, cfg, ctx, get_builder(stage))
-    metrics = dict(manifest.get("metrics", {}))
-    metrics.update({"artifact/path": str(folder), "artifact/key": folder.name, "artifact/reused": reused})
-    ctx.metrics.update(metrics)
-    if reused:
-        log.info("%s: nothing to do; metrics copied from the artifact's manifest", stage)
-    return folder, metrics

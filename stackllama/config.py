@@ -26,6 +26,16 @@ from omegaconf import MISSING
 
 STAGES = ("sft", "rm", "ppo", "eval", "all")
 
+# The pipeline graph, in one place: stage -> {input: the setting that may name that input's model
+# instead of its artifact (None: always the artifact)}. Each input is the artifact of the stage of
+# the same name. stackllama/pipeline.py resolves it; artifacts.key_material keys by it.
+PIPELINE: dict[str, dict[str, Optional[str]]] = {
+    "sft": {},
+    "rm": {"sft": "rm.model_path"},
+    "ppo": {"sft": "ppo.policy_path", "rm": "ppo.reward_model_path"},
+    "eval": {"ppo": None, "sft": "ppo.policy_path", "rm": "ppo.reward_model_path"},
+}
+
 
 # ----------------------------------------------------------------------------- valid ranges
 

@@ -12,6 +12,9 @@ RM training:
   weights and a tokenizer;
 * an explicit reward model (``ppo.reward_model_path``): all of that and a score head saved
   in its checkpoint.
+
+Which models a job needs follows the pipeline graph (``stackllama.pipeline.plan`` and
+``given_paths``): the same resolution the job itself then runs.
 """
 
 from __future__ import annotations
@@ -20,26 +23,20 @@ from typing import Any
 
 from stackllama.config import ConfigError
 
-# The stages that read each explicit path (eval and all compare against the policy and RM given).
-USED_BY = {
-    "ppo.policy_path": ("ppo", "eval", "all"),
-    "ppo.reward_model_path": ("ppo", "eval", "all"),
-    "rm.model_path": ("rm", "ppo", "eval", "all"),
-}
+
+def _target(cfg: Any) -> str:
+    """The pipeline node this job resolves (stage=all ends with the evaluation)."""
+    return "eval" if cfg.stage.name == "all" else str(cfg.stage.name)
 
 
 def _needs_base_model(cfg: Any) -> bool:
     """Whether this job may build the SFT model (and so load the base model)."""
     from stackllama import artifacts
+    from stackllama.pipeline import plan
 
-    stage = cfg.stage.name
-    if stage == "sft":
-        return True
-    if stage == "rm":
-        uses_sft = not cfg.rm.model_path
-    else:  # ppo, eval, all: the policy, and the RM's starting point when the RM is built
-        uses_sft = not cfg.ppo.policy_path or (not cfg.ppo.reward_model_path and not cfg.rm.model_path)
-    return uses_sft and not artifacts.is_trusted(artifacts.stage_dir("sft", cfg))
+    target = _target(cfg)
+    builds_sft = target == "sft" or "sft" in plan(target, cfg)
+    return builds_sft and not artifacts.is_trusted(artifacts.stage_dir("sft", cfg))
 
 
 def _base_model_problem(cfg: Any) -> str | None:
@@ -70,16 +67,12 @@ def _base_model_problem(cfg: Any) -> str | None:
 def check(cfg: Any) -> None:
     """Raise ``ConfigError`` naming each model this job needs that is missing or not a model."""
     from stackllama.models.resolve import check_model_folder, check_reward_model
+    from stackllama.pipeline import given_paths
 
     problems: list[str] = []
-    stage = cfg.stage.name
     if _needs_base_model(cfg) and (problem := _base_model_problem(cfg)):
         problems.append(problem)
-    for key, stages in USED_BY.items():
-        section, name = key.split(".")
-        path = cfg[section][name]
-        if not path or stage not in stages:
-            continue
+    for key, path in given_paths(_target(cfg), cfg).items():
         try:
             (check_reward_model if key == "ppo.reward_model_path" else check_model_folder)(path, key)
         except ValueError as exc:
@@ -88,4 +81,4 @@ def check(cfg: Any) -> None:
         raise ConfigError(problems)
 
 
-__all__ = ["check", "USED_BY"]
+__all__ = ["check"]

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from stackllama import artifacts
+from stackllama import artifacts, pipeline
 from stackllama.metrics import Metrics
 from tests.conftest import compose_cfg
 
@@ -161,7 +161,7 @@ def test_failed_build_leaves_no_trusted_artifact(tmp_path):
 
 def _keys(root: Path, *extra: str) -> dict[str, str]:
     cfg = compose_cfg(_overrides(root, *extra))
-    return {s: artifacts.stage_key(s, cfg) for s in ("sft", "rm", "ppo", "eval")}
+    return {s: artifacts.stage_key(s, cfg) for s in ("sft", "rm", "ppo")}
 
 
 def test_upstream_setting_changes_every_downstream_key(tmp_path):
@@ -169,7 +169,7 @@ def test_upstream_setting_changes_every_downstream_key(tmp_path):
     assert _keys(tmp_path) == base  # deterministic
     assert all(k.startswith("tiny-") for k in base.values())
     changed = _keys(tmp_path, "sft.learning_rate=3e-5")
-    assert all(changed[s] != base[s] for s in ("sft", "rm", "ppo", "eval"))
+    assert all(changed[s] != base[s] for s in ("sft", "rm", "ppo"))
     rm_only = _keys(tmp_path, "rm.learning_rate=1e-5")
     assert rm_only["sft"] == base["sft"] and rm_only["rm"] != base["rm"] and rm_only["ppo"] != base["ppo"]
     data = _keys(tmp_path, "data.synthetic.num_questions=99")
@@ -205,9 +205,13 @@ def test_explicit_policy_path_is_honored(tmp_path):
     (policy / "config.json").write_text("{}")
     cfg = compose_cfg(_overrides(root, f"ppo.policy_path={policy}"))
     ctx = _ctx(tmp_path / "run")
-    got = artifacts.require("sft", cfg, ctx, explicit=cfg.ppo.policy_path)
-    assert got == policy
-    assert ctx.metrics["upstream/sft/path"] == str(policy) and ctx.metrics["upstream/sft/reused"] is True
+    assert pipeline.explicit("ppo", "sft", cfg) == policy
+    assert pipeline.plan("ppo", cfg) == ["sft", "rm"]  # the RM still trains on the SFT artifact
+    given = compose_cfg(_overrides(root, f"ppo.policy_path={policy}", f"ppo.reward_model_path={policy}"))
+    assert pipeline.plan("ppo", given) == []
+    inputs = pipeline.resolve("ppo", given, ctx)
+    assert inputs == {"sft": policy, "rm": policy}
+    assert ctx.metrics["upstream/sft/path"] == str(policy) and ctx.metrics["upstream/sft/explicit"] is True
     assert not (root / "sft").exists(), "an SFT artifact was built although a policy path was given"
 
     # the PPO key follows the given policy, not the SFT settings it replaces
@@ -219,19 +223,24 @@ def test_explicit_policy_path_is_honored(tmp_path):
     # a path that holds no model fails loudly instead of silently building something else
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        artifacts.require("sft", cfg, ctx, explicit=str(empty))
+    with pytest.raises(FileNotFoundError, match="ppo.policy_path=.*config.json"):
+        pipeline.resolve("ppo", compose_cfg(_overrides(root, f"ppo.policy_path={empty}")), ctx)
 
 
-def test_all_stage_needs_follow_explicit_paths(tmp_path):
-    from stackllama.stages.all import needed, prefixed
+def test_the_plan_follows_explicit_paths(tmp_path):
+    from stackllama.stages.all import prefixed
 
-    assert needed(compose_cfg(_overrides(tmp_path))) == {"sft": True, "rm": True, "ppo": True}
+    (tmp_path / "config.json").write_text("{}")
+
+    def plan(stage: str, *extra: str) -> list[str]:
+        return pipeline.plan(stage, compose_cfg(_overrides(tmp_path, *extra)))
+
+    assert plan("eval") == ["sft", "rm", "ppo"] and plan("rm") == ["sft"] and plan("sft") == []
     given = [f"ppo.policy_path={tmp_path}", f"ppo.reward_model_path={tmp_path}"]
-    assert needed(compose_cfg(_overrides(tmp_path, *given))) == {"sft": False, "rm": False, "ppo": True}
+    assert plan("eval", *given) == ["ppo"]
     # the RM still needs the SFT model unless it is given a base of its own
-    assert needed(compose_cfg(_overrides(tmp_path, given[0])))["sft"] is True
-    assert needed(compose_cfg(_overrides(tmp_path, given[0], f"rm.model_path={tmp_path}")))["sft"] is False
+    assert plan("eval", given[0]) == ["sft", "rm", "ppo"]
+    assert plan("eval", given[0], f"rm.model_path={tmp_path}") == ["rm", "ppo"]
     assert prefixed("ppo", {"ppo/reward_mean_end": 1.0, "objective/kl_end": 2.0, "nested": {"x": 1}}) == {
         "ppo/reward_mean_end": 1.0,
         "ppo/objective/kl_end": 2.0,
@@ -294,3 +303,25 @@ def test_a_keyed_field_unknown_to_the_key_code_is_still_keyed(tmp_path):
     # Keys come from the schema: every field is keyed unless declared not_in_key, so a setting
     # added later is never silently shared between two different models.
     assert _keys(tmp_path, "rm.min_pm_margin=3")["rm"] != _keys(tmp_path)["rm"]
+
+
+def test_the_store_imports_no_stage_and_every_build_takes_its_inputs():
+    """The data flow is one-way: the pipeline resolves inputs through the store; the store knows no
+    stage, and no stage calls the store (its build gets its inputs as arguments)."""
+    import ast
+    import inspect
+
+    from stackllama.stages import get_builder
+
+    def imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        out = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        out |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        return out | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    package = Path(artifacts.__file__).parent
+    assert not {m for m in imports(package / "artifacts.py") if "stages" in m or "pipeline" in m}
+    for module in sorted((package / "stages").glob("*.py")):
+        assert "stackllama.artifacts" not in imports(module), f"{module.name} calls the artifact store"
+    for stage in ("sft", "rm", "ppo"):
+        assert list(inspect.signature(get_builder(stage)).parameters) == ["cfg", "ctx", "inputs", "work_dir", "out_dir"]

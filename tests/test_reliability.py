@@ -79,7 +79,7 @@ def test_nan_producing_ppo_run_never_publishes_non_finite_weights(tmp_path, over
     update is skipped and counted, so the published weights are finite; with the guard at one
     skip (``ppo.max_nonfinite_skips=1``), or with more steps where the skips repeat, the build ends
     with an error and publishes nothing."""
-    from stackllama.stages import get_builder
+    from stackllama import pipeline
 
     cfg = _tiny(
         f"artifacts_dir={tmp_path / 'art'}",
@@ -90,12 +90,13 @@ def test_nan_producing_ppo_run_never_publishes_non_finite_weights(tmp_path, over
         *overrides,
     )
     ctx = _ctx(tmp_path / "run")
+    build = pipeline.builder("ppo", pipeline.resolve("ppo", cfg, ctx))
     if outcome == "nothing":
         with pytest.raises(FloatingPointError, match=r"PPO diverged .*NaN/inf loss or gradient .*nothing is published"):
-            artifacts.ensure("ppo", cfg, ctx, get_builder("ppo"))
+            artifacts.ensure("ppo", cfg, ctx, build)
         assert not list((tmp_path / "art" / "ppo").glob("*/manifest.json")), "a diverged PPO run was published"
         return
-    folder, manifest, _ = artifacts.ensure("ppo", cfg, ctx, get_builder("ppo"))
+    folder, manifest, _ = artifacts.ensure("ppo", cfg, ctx, build)
     assert _all_finite(folder), "the published PPO policy or value head holds NaN/inf"
     assert manifest["metrics"]["ppo/skipped_nonfinite"] >= 1  # counted, in the artifact's metrics too
 

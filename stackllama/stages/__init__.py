@@ -20,8 +20,9 @@ def get_runner(name: str) -> Runner:
     return runner
 
 
-def get_builder(name: str) -> Callable[[Any, Any, Any, Any], dict]:
-    """``build(cfg, ctx, work_dir, out_dir) -> metrics`` of a stage that makes an artifact."""
+def get_builder(name: str) -> Callable[..., dict]:
+    """``build(cfg, ctx, inputs, work_dir, out_dir) -> metrics`` of a stage that makes an artifact
+    (``inputs``: its upstream models by stage name, resolved by ``stackllama.pipeline``)."""
     module = importlib.import_module(f"stackllama.stages.{name}")
     builder = getattr(module, "build", None)
     if builder is None:

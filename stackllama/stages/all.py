@@ -21,18 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stackllama import artifacts
-
 log = logging.getLogger(__name__)
-
-ORDER = ("sft", "rm", "ppo")
-
-
-def needed(cfg: Any) -> dict[str, bool]:
-    """Which artifacts this config builds (explicit model paths replace them)."""
-    need_rm = not cfg.ppo.reward_model_path
-    need_sft = not cfg.ppo.policy_path or (need_rm and not cfg.rm.model_path)
-    return {"sft": need_sft, "rm": need_rm, "ppo": True}
 
 
 def prefixed(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -46,60 +35,32 @@ def prefixed(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg: Any, ctx: Any) -> float:
-    from stackllama.stages import get_builder
+    from stackllama.pipeline import plan, resolve
     from stackllama.stages.eval import evaluate
 
-    need = needed(cfg)
-    paths: dict[str, Path] = {}
-    observed: dict[str, Any] = {}
+    todo = plan("eval", cfg)  # sft -> rm -> ppo, less what explicit paths replace
     summary = []
-    for stage in ORDER:
-        started = time.time()
-        if not need[stage]:
-            explicit = cfg.ppo.policy_path if stage == "sft" else cfg.ppo.reward_model_path
-            log.info("all: %s not built: using the explicit model %s", stage, explicit)
-            paths[stage] = artifacts.require(stage, cfg, ctx, explicit=explicit)
-            observed.update(
-                {
-                    f"upstream/{stage}/path": str(paths[stage]),
-                    f"upstream/{stage}/reused": True,
-                    f"upstream/{stage}/explicit": True,
-                }
-            )
-            summary.append(f"{stage}: explicit")
-            continue
-        log.info("all: stage %s (%d/%d)", stage, ORDER.index(stage) + 1, len(ORDER) + 1)
-        folder, manifest, reused = artifacts.ensure(stage, cfg, ctx, get_builder(stage))
-        elapsed = round(time.time() - started, 3)
-        paths[stage] = folder
-        observed.update(
-            {
-                f"upstream/{stage}/path": str(folder),
-                f"upstream/{stage}/key": folder.name,
-                f"upstream/{stage}/reused": reused,
-            }
-        )
+
+    def on_ready(stage: str, folder: Path, manifest: dict, reused: bool, seconds: float) -> None:
         ctx.metrics.update(
             {
                 **prefixed(stage, dict(manifest.get("metrics", {}))),
-                **observed,
-                f"time/stage/{stage}_s": elapsed,
+                f"upstream/{stage}/key": folder.name,
+                f"time/stage/{stage}_s": round(seconds, 3),
                 f"time/stage/{stage}_build_s": manifest.get("build_seconds"),
             }
         )
-        how = "reused (built earlier with the same settings)" if reused else f"built in {elapsed:.0f} s"
-        log.info("all: %s artifact %s: %s", stage, folder, how)
+        how = "reused (built earlier with the same settings)" if reused else f"built in {seconds:.0f} s"
+        log.info("all: stage %s (%d/%d): %s artifact %s", stage, todo.index(stage) + 1, len(todo) + 1, how, folder)
         summary.append(f"{stage}: {'reused' if reused else 'built'}")
 
-    # explicit paths for the policy / reward model also stand in for the eval's comparison
-    sft_path = Path(cfg.ppo.policy_path) if cfg.ppo.policy_path else paths["sft"]
-    rm_path = Path(cfg.ppo.reward_model_path) if cfg.ppo.reward_model_path else paths["rm"]
-    ctx.metrics.update(observed)  # the PPO build re-required SFT/RM as "reused": keep what this run saw
-    log.info("all: artifacts ready (%s); evaluating", ", ".join(summary))
+    log.info("all: %s, then eval", " -> ".join(todo))
+    inputs = resolve("eval", cfg, ctx, on_ready=on_ready)
+    log.info("all: artifacts ready (%s); evaluating", ", ".join(summary) or "every model given explicitly")
     started = time.time()
-    objective = evaluate(cfg, ctx, paths["ppo"], sft_path, rm_path)
+    objective = evaluate(cfg, ctx, inputs["ppo"], inputs["sft"], inputs["rm"])
     ctx.metrics.update({"time/stage/eval_s": round(time.time() - started, 3)})
     return objective
 
 
-__all__ = ["run", "needed", "prefixed", "ORDER"]
+__all__ = ["run", "prefixed"]

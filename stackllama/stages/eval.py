@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from stackllama import artifacts, precision
+from stackllama import precision
 from stackllama.ppo.core import kl_estimate, logprobs_from_hidden, repetition_stats
 from stackllama.ppo.policy import response_hidden
 from stackllama.ppo.rollout import generate_rollout
@@ -439,13 +439,10 @@ def evaluate(cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path) 
 
 
 def run(cfg: Any, ctx: Any) -> float:
-    sft_path = artifacts.require("sft", cfg, ctx, explicit=cfg.ppo.policy_path)
-    rm_path = artifacts.require("rm", cfg, ctx, explicit=cfg.ppo.reward_model_path)
-    # Building PPO re-requires SFT and RM (found, so "reused"): keep what this run observed.
-    observed = {k: v for k, v in ctx.metrics.values.items() if k.startswith("upstream/")}
-    ppo_path = artifacts.require("ppo", cfg, ctx)
-    ctx.metrics.update(observed)
-    return evaluate(cfg, ctx, ppo_path, sft_path, rm_path)
+    from stackllama.pipeline import resolve
+
+    inputs = resolve("eval", cfg, ctx)  # SFT, RM and PPO found or built in order; explicit paths honoured
+    return evaluate(cfg, ctx, inputs["ppo"], inputs["sft"], inputs["rm"])
 
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from stackllama import artifacts, distributed, precision
+from stackllama import distributed, pipeline, precision
 from stackllama.data import build_dataset, gold_scorer
 from stackllama.models.loader import count_parameters, load_model, load_tokenizer
 from stackllama.models.merge import merge_adapter_into_base
@@ -75,14 +75,13 @@ def trainable_norm(policy: PolicyWithValueHead) -> float:
     return float(sum(p.detach().float().norm() for p in policy.trainable_parameters()))
 
 
-def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
+def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: Path) -> dict[str, Any]:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise ValueError(
             "stage=ppo trains data-parallel by averaging gradients itself; DeepSpeed ZeRO configs apply to "
             "stage=sft and stage=rm. Launch PPO with conf/accelerate/ddp.yaml"
         )
-    sft_path = artifacts.require("sft", cfg, ctx, explicit=cfg.ppo.policy_path)
-    rm_path = artifacts.require("rm", cfg, ctx, explicit=cfg.ppo.reward_model_path)
+    sft_path, rm_path = inputs["sft"], inputs["rm"]  # artifacts or explicit paths (stackllama/pipeline.py)
     splits = build_dataset(cfg.data)
     if len(splits.rl) == 0:
         from stackllama.data import NoUsableRecords, data_location
@@ -163,5 +162,5 @@ def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
 
 
 def run(cfg: Any, ctx: Any) -> float:
-    _, metrics = artifacts.run_stage("ppo", cfg, ctx)
+    _, metrics = pipeline.run_stage("ppo", cfg, ctx)
     return float(metrics.get("ppo/objective", float("nan")))

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from stackllama import artifacts, distributed, precision
+from stackllama import distributed, pipeline, precision
 from stackllama.reward import RewardScorer, encode_reward_texts, format_text, pairwise_metrics
 from stackllama.stages.rm_batches import DedupPreferenceCollator, grouped_reward_trainer
 
@@ -223,13 +223,13 @@ def save_merged(cfg: Any, model: Any, tokenizer: Any, base_path: Path, work_dir:
     return "in_memory"
 
 
-def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
+def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: Path) -> dict[str, Any]:
     from stackllama.data import build_dataset, gold_scorer
     from stackllama.models.loader import count_parameters, load_model, load_tokenizer
     from stackllama.tracking import trainer_callback
 
     rm = cfg.rm
-    base_path = artifacts.require("sft", cfg, ctx, explicit=rm.model_path)
+    base_path = inputs["sft"]  # the SFT artifact, or rm.model_path (stackllama/pipeline.py)
     template = cfg.data.prompt_template
     seed = int(cfg.seed)
     max_length = int(rm.max_length)
@@ -420,7 +420,7 @@ def _saved_dtype(cfg: Any) -> str:
 
 def run(cfg: Any, ctx: Any) -> float | None:
     """Build (or reuse) the reward model artifact; the sweep objective is ``eval/accuracy``."""
-    _, metrics = artifacts.run_stage("rm", cfg, ctx)
+    _, metrics = pipeline.run_stage("rm", cfg, ctx)
     value = metrics.get("eval/accuracy")
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 

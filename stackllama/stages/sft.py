@@ -28,13 +28,13 @@ SAMPLES_FILE = "sft_samples.md"
 
 def run(cfg: Any, ctx: Any) -> float:
     """Build (or reuse) the SFT artifact; the sweep objective is its held-out perplexity."""
-    from stackllama.artifacts import run_stage
+    from stackllama.pipeline import run_stage
 
     _, metrics = run_stage("sft", cfg, ctx)
     return float(metrics["eval/perplexity"])
 
 
-def build(cfg: Any, ctx: Any, work_dir: Path, out_dir: Path) -> dict[str, Any]:
+def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Train, measure, merge and save the SFT model into ``out_dir``; return its metrics.
 
     Under DDP every rank trains; rank 0 alone evaluates, merges, saves and samples (the
