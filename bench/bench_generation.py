@@ -56,9 +56,10 @@ def run(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(common.REPO))
     from stackllama.data import build_dataset
+    from stackllama.data.prompts import PromptSource
     from stackllama.models.loader import model_folder
     from stackllama.ppo.core import LengthSampler
-    from stackllama.ppo.rollout import PromptSource, generate_rollout
+    from stackllama.ppo.rollout import generate_rollout
     from stackllama.stages.ppo import load_policy
 
     cfg = common.compose(

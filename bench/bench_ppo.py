@@ -130,8 +130,8 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401
 
+    from stackllama.data.prompts import PromptSource
     from stackllama.ppo import trainer as our_trainer
-    from stackllama.ppo.rollout import PromptSource
     from stackllama.ppo.trainer import PPOTrainer
     from stackllama.reward import RewardScorer
     from stackllama.stages.ppo import load_policy

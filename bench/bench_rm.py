@@ -9,7 +9,7 @@ as ``rm.group_by_question`` selects them), ``rm.batch_size`` pairs a step:
 
 * baseline: ``trl.RewardTrainer`` with its own sampler and ``DataCollatorForPreference``
   (every pair's chosen and rejected text forwarded, random batches);
-* ours: ``stackllama.stages.rm_batches`` (a question's pairs in one batch, each distinct
+* ours: ``stackllama.reward.batches`` (a question's pairs in one batch, each distinct
   text forwarded once, length-sorted chunks of ``--chunk`` texts).
 
 Reported: pairs/s (training wall time of ``trainer.train()``), the ratio ours / baseline
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def token_counts(cols: dict, batches: list[list[int]], dedup: bool, chunk: int | None) -> tuple[int, int]:
     """(real, padded) tokens forwarded per epoch for these batches."""
-    from stackllama.stages.rm_batches import dedup_pairs, length_chunks
+    from stackllama.reward.batches import dedup_pairs, length_chunks
 
     real = padded = 0
     for b in batches:
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     from stackllama import precision
     from stackllama.data import build_dataset
     from stackllama.models.loader import load_model, load_tokenizer, model_folder
+    from stackllama.reward.batches import DedupPreferenceCollator, GroupedPairSampler, grouped_reward_trainer
     from stackllama.stages.rm import encode_train_pairs, pair_groups, reward_config
-    from stackllama.stages.rm_batches import DedupPreferenceCollator, GroupedPairSampler, grouped_reward_trainer
 
     cfg = common.compose(
         [

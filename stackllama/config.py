@@ -317,7 +317,7 @@ class RMConfig:
     gradient_checkpointing: bool = False
     # Pairs of one question share a batch and each distinct text is forwarded once: the same
     # loss as TRL's RewardTrainer on the same pairs, ~2.5x fewer forwards on a question with
-    # 3-5 ranked answers (stackllama/stages/rm_batches.py). false: TRL's pair-by-pair batches.
+    # 3-5 ranked answers (stackllama/reward/batches.py). false: TRL's pair-by-pair batches.
     group_by_question: bool = True
     # Grouped batches only: distinct texts per forward pass, length-sorted, each chunk padded
     # to its own longest text (a question's answers differ in length). None: one forward a

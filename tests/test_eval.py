@@ -225,7 +225,7 @@ def _fake_ppo_artifact(folder: Path, steps: int = 25) -> None:
 
 
 def test_report_has_figures_artifacts_samples_and_plots(tmp_path):
-    from stackllama.eval_report import write_report
+    from stackllama.stages.eval_report import write_report
 
     cfg = compose_cfg(TINY + [f"artifacts_dir={tmp_path}", "eval.num_samples_in_report=2"])
     ppo = tmp_path / "art" / "ppo" / "tiny-abc123"
@@ -298,7 +298,7 @@ def test_report_has_figures_artifacts_samples_and_plots(tmp_path):
 
 
 def test_report_without_history_still_written(tmp_path):
-    from stackllama.eval_report import write_report
+    from stackllama.stages.eval_report import write_report
 
     cfg = compose_cfg(TINY + [f"artifacts_dir={tmp_path}"])
     ppo = tmp_path / "policy"

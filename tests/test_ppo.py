@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from stackllama import precision
+from stackllama.data.prompts import PromptSource
 from stackllama.models.loader import model_folder
 from stackllama.ppo import core
-from stackllama.ppo.rollout import PromptSource, generate_rollout, response_mask_from
+from stackllama.ppo.rollout import generate_rollout, response_mask_from
 from stackllama.ppo.trainer import PPOTrainer, summarize
 from stackllama.stages.ppo import load_policy
 from tests.conftest import REPO, compose_cfg, tiny_reward_folder

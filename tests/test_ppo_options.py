@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from stackllama import precision
+from stackllama.data.prompts import PromptSource
 from stackllama.models.loader import model_folder
 from stackllama.ppo import core
-from stackllama.ppo.rollout import PromptSource, generate_rollout
+from stackllama.ppo.rollout import generate_rollout
 from stackllama.ppo.trainer import PPOTrainer, summarize, window_stats
 from stackllama.stages.ppo import load_policy
 from tests.conftest import compose_cfg

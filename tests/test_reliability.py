@@ -127,7 +127,7 @@ def test_store_refuses_to_publish_non_finite_weights(tmp_path):
 
 
 def _ppo_trainer(tmp_path: Path, scorer, *overrides: str):
-    from stackllama.ppo.rollout import PromptSource
+    from stackllama.data.prompts import PromptSource
     from stackllama.ppo.trainer import PPOTrainer
     from stackllama.stages.ppo import load_policy
 
@@ -382,7 +382,7 @@ def test_reward_scorer_refuses_a_causal_lm_folder():
 def test_small_finetune_split_holds_out_a_fraction_and_keeps_questions_to_train_on():
     import datasets
 
-    from stackllama.sft_utils import hold_out_questions
+    from stackllama.stages.sft_utils import hold_out_questions
 
     def dataset(questions: int, answers: int = 3):
         qs = [f"q{i}" for i in range(questions) for _ in range(answers)]

@@ -296,7 +296,7 @@ def test_too_long_pairs_are_dropped_and_counted():
 
 
 def test_grouped_pair_sampler_is_a_shuffled_permutation_of_similar_length_batches():
-    from stackllama.stages.rm_batches import GroupedPairSampler
+    from stackllama.reward.batches import GroupedPairSampler
 
     lengths = [random.Random(i).randint(10, 200) for i in range(37)]
     sampler = GroupedPairSampler([[i] for i in range(37)], lengths, batch_size=4, seed=0)
@@ -310,7 +310,7 @@ def test_grouped_pair_sampler_is_a_shuffled_permutation_of_similar_length_batche
 
 
 def test_grouped_pair_sampler_keeps_a_question_s_pairs_together():
-    from stackllama.stages.rm_batches import GroupedPairSampler
+    from stackllama.reward.batches import GroupedPairSampler
 
     rng = random.Random(0)
     groups, start = [], 0
@@ -331,7 +331,7 @@ def test_dedup_collator_gives_trl_s_pair_rewards_with_fewer_forwards():
     """Same pairs, TRL's collator vs ours: identical logits per pair row, fewer rows forwarded."""
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    from stackllama.stages.rm_batches import DedupPreferenceCollator, _ExpandedModel
+    from stackllama.reward.batches import DedupPreferenceCollator, _ExpandedModel
 
     _, folder = _tiny()
     tok = load_tokenizer(folder, padding_side="right")

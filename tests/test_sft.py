@@ -276,7 +276,7 @@ def test_resume_after_kill(tmp_path):
 def test_hold_out_is_by_question_and_deterministic():
     import datasets
 
-    from stackllama.sft_utils import hold_out_questions
+    from stackllama.stages.sft_utils import hold_out_questions
 
     qs = [f"q{i // 3}" for i in range(30)]  # 10 questions x 3 answers
     ds = datasets.Dataset.from_dict({"question": qs, "answer": ["a"] * 30, "text": [f"t{i}" for i in range(30)]})
@@ -293,7 +293,7 @@ def test_perplexity_ignores_padding_and_batching():
     from transformers import AutoModelForCausalLM
 
     from stackllama.models.loader import load_tokenizer, model_folder
-    from stackllama.sft_utils import token_nll
+    from stackllama.stages.sft_utils import token_nll
 
     cfg = compose_cfg(["model=tiny"])
     path = model_folder(cfg.model)
@@ -307,7 +307,7 @@ def test_perplexity_ignores_padding_and_batching():
 
 
 def test_token_counting_collator():
-    from stackllama.sft_utils import TokenCountingCollator
+    from stackllama.stages.sft_utils import TokenCountingCollator
 
     padded = TokenCountingCollator(
         lambda ex: {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}

@@ -17,6 +17,7 @@ divergence" (k1/k2/k3), TRL's legacy PPOTrainer (whose conventions we follow).
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -449,3 +450,29 @@ def repetition_stats(
         "frac_fence_spam": n_fence / n,
         "frac_hacking": n_either / n,
     }
+
+
+class RunningMoments:
+    """Running mean/std of scores (Welford), for ``ppo.score_normalize: running``: s <- (s - mean) / std."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, xs: torch.Tensor) -> None:
+        for x in xs.tolist():
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        """Sample std; 1.0 until there are two values or when they are all equal (nothing to scale by)."""
+        std = math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
+        return std if std > 1e-6 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])

@@ -22,12 +22,9 @@ the means over processes, so one step consumes B x world_size episodes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -38,38 +35,14 @@ import torch
 from tqdm.auto import tqdm
 
 from stackllama import distributed, precision
+from stackllama.data.prompts import PromptSource
+from stackllama.memory import release_free_memory, set_malloc_mmap_threshold
 from stackllama.ppo import core
 from stackllama.ppo.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from stackllama.ppo.policy import PolicyWithValueHead
-from stackllama.ppo.rollout import PromptSource, Rollout, generate_rollout
+from stackllama.ppo.rollout import Rollout, generate_rollout
 
 log = logging.getLogger(__name__)
-
-
-class RunningMoments:
-    """Running mean/std of scores (Welford), for optional score normalization."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, xs: torch.Tensor) -> None:
-        for x in xs.tolist():
-            self.count += 1
-            delta = x - self.mean
-            self.mean += delta / self.count
-            self.m2 += delta * (x - self.mean)
-
-    @property
-    def std(self) -> float:
-        """Sample std; 1.0 until there are two values or when they are all equal (nothing to scale by)."""
-        std = math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
-        return std if std > 1e-6 else 1.0
-
-    def state_dict(self) -> dict[str, float]:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
 def make_kl_controller(cfg: Any) -> core.FixedKLController | core.AdaptiveKLController:
@@ -82,46 +55,6 @@ def make_kl_controller(cfg: Any) -> core.FixedKLController | core.AdaptiveKLCont
 
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
-
-
-@functools.lru_cache(maxsize=1)
-def _libc() -> Any:
-    """glibc, or None (macOS, musl, Windows): the allocator calls below are Linux/glibc only."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def set_malloc_mmap_threshold(megabytes: int | None) -> bool:
-    """glibc only: serve allocations above ``megabytes`` MiB with mmap, returned to the OS on free.
-
-    Lowest peak RSS, but every such allocation then costs fresh page faults: with a 1 MiB
-    threshold the (episodes, tokens, vocabulary) temporaries made bench_ppo.py 1.8x slower.
-    ``release_free_memory`` between phases gets most of the memory for none of the time.
-    Returns whether it was applied.
-    """
-    libc = _libc()
-    if megabytes is None or libc is None:
-        return False
-    M_MMAP_THRESHOLD = -3  # from <malloc.h>
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(megabytes) << 20))
-
-
-def release_free_memory() -> None:
-    """glibc only: give the heap memory freed so far back to the OS (``malloc_trim(0)``).
-
-    glibc keeps freed heap pages, so the rollout, the no-grad pass and training, whose large
-    temporaries have different shapes, each leave a freed heap behind and peak RSS climbs.
-    Trimming between phases costs a few milliseconds; torch's CPU allocator has no setting
-    of its own for it.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 class PPOTrainer:
@@ -165,7 +98,7 @@ class PPOTrainer:
         if device.type == "cpu":
             set_malloc_mmap_threshold(cfg.malloc_mmap_threshold_mb)
         self.length_sampler = core.LengthSampler(int(cfg.min_new_tokens), int(cfg.max_new_tokens), seed=seed)
-        self.score_moments = RunningMoments()
+        self.score_moments = core.RunningMoments()
         self.generator = torch.Generator().manual_seed(seed)
         self.step_idx = 0
         self.skipped_batches = 0

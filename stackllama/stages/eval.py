@@ -18,7 +18,7 @@ this config, then on ``eval.num_questions`` unique questions of the ``evaluation
 
 Only one model is in memory at a time (policy, then reference, then reward model).
 Figures go to ``metrics.json`` (``eval/...``), every response to ``eval_samples.jsonl``,
-and ``report.md`` (``stackllama.eval_report``) puts them beside the PPO run's curves.
+and ``report.md`` (``stackllama.stages.eval_report``) puts them beside the PPO run's curves.
 The sweep objective is ``eval/win_rate_vs_sft`` (RM-judged, ties count half).
 """
 
@@ -401,7 +401,7 @@ def compare(
 def evaluate(cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path) -> float:
     """Compare the artifacts, record the figures, write the report; returns the objective."""
     from stackllama.data import build_dataset, gold_scorer
-    from stackllama.eval_report import write_report
+    from stackllama.stages.eval_report import write_report
 
     started = time.time()
     splits = build_dataset(cfg.data)

@@ -18,10 +18,10 @@ import torch
 
 from stackllama import distributed, pipeline, precision
 from stackllama.data import build_dataset, gold_scorer
+from stackllama.data.prompts import PromptSource
 from stackllama.models.loader import count_parameters, load_model, load_tokenizer
 from stackllama.models.merge import merge_adapter_into_base
 from stackllama.ppo.policy import PolicyWithValueHead
-from stackllama.ppo.rollout import PromptSource
 from stackllama.ppo.trainer import PPOTrainer, summarize
 from stackllama.reward import RewardScorer
 

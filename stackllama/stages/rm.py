@@ -7,7 +7,7 @@ answers to the same question from the ``reward`` split. Each text is the prompt 
 filled with question and answer; TRL appends EOS and we tokenize exactly as it would.
 
 * With ``rm.group_by_question`` (default) the pairs of one question share a batch and each
-  distinct answer text is forwarded once per batch (``stackllama.stages.rm_batches``): TRL's
+  distinct answer text is forwarded once per batch (``stackllama.reward.batches``): TRL's
   loss on the same pairs at ~1/2.5 of the forwards, optionally in length-sorted chunks
   (``rm.forward_chunk_size``). A cap (``rm.max_train_pairs``) then keeps whole questions.
 * Pairs where the chosen or rejected text is longer than ``rm.max_length`` tokens are
@@ -41,7 +41,7 @@ import torch
 
 from stackllama import distributed, pipeline, precision
 from stackllama.reward import RewardScorer, encode_reward_texts, format_text, pairwise_metrics
-from stackllama.stages.rm_batches import DedupPreferenceCollator, grouped_reward_trainer
+from stackllama.reward.batches import DedupPreferenceCollator, grouped_reward_trainer
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stackllama import distributed, precision, sft_utils
+from stackllama import distributed, precision
 from stackllama.models.loader import load_model, load_tokenizer, model_folder, torch_dtype
+from stackllama.stages import sft_utils
 from stackllama.tracking import trainer_callback
 
 log = logging.getLogger(__name__)
