@@ -59,3 +59,15 @@ def test_reward_model_forward_backward(quant):
 def test_quantized_without_lora_refuses_to_train():
     with pytest.raises(ValueError, match="needs LoRA"):
         _load("tiny", "int8", lora="none")
+
+
+@pytest.mark.parametrize("quant", QUANT)
+def test_parameter_counts_are_peft_s_for_every_quantization(quant):
+    """One count for SFT, RM and PPO: a 4-bit packed weight at its real size, as peft counts it."""
+    from stackllama.models.loader import count_parameters
+
+    net, _ = _load("tiny", quant)
+    trainable, total = net.get_nb_trainable_parameters()
+    assert count_parameters(net) == {"params/total": total, "params/trainable": trainable}
+    plain, _ = _load("tiny", "none")
+    assert count_parameters(net)["params/total"] == count_parameters(plain)["params/total"]

@@ -258,6 +258,14 @@ def keep_4bit_layers_trainable(model: Any) -> int:
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"params/total": total, "params/trainable": trainable}
+    """``params/trainable`` and ``params/total`` for every stage alike, a 4-bit packed weight counted
+    at its real size (peft's ``get_nb_trainable_parameters`` rule: stored elements x 2 x bytes per
+    stored element), so SFT, RM and PPO report the same total for the same base."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2 * getattr(getattr(p, "quant_storage", None), "itemsize", 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"params/total": int(total), "params/trainable": int(trainable)}

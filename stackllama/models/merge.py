@@ -13,6 +13,45 @@ from typing import Any
 from stackllama.models.loader import torch_dtype, truncation_kwargs
 
 
+def merge_in_memory(model: Any) -> Any:
+    """Fold LoRA into the (unquantized) base weights in place; a model without adapters is returned as is."""
+    from peft import PeftModel
+
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+
+
+def merged_model(
+    base_path: str | Path,
+    adapter_path: str | Path,
+    kind: str,
+    dtype: str,
+    tokenizer: Any = None,
+    num_layers: int | None = None,
+    device: Any = None,
+) -> Any:
+    """``base_path`` reloaded unquantized in ``dtype`` (its first ``num_layers`` decoder layers when
+    set) with the adapter in ``adapter_path`` merged in. Merging into bitsandbytes weights would
+    requantize (and lose) the LoRA delta, so like the article's merge script the adapter is applied
+    to full-precision base weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    extra = truncation_kwargs(base_path, num_layers)
+    if kind == "seq_cls":
+        base = AutoModelForSequenceClassification.from_pretrained(
+            str(base_path), num_labels=1, dtype=torch_dtype(dtype), **extra
+        )
+        if tokenizer is not None:
+            base.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype(dtype), **extra)
+    if device is not None:
+        base.to(device)
+    merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
+    merged.eval()
+    return merged
+
+
 def merge_adapter_into_base(
     base_path: str | Path,
     adapter_path: str | Path,
@@ -22,20 +61,8 @@ def merge_adapter_into_base(
     tokenizer: Any,
     num_layers: int | None = None,
 ) -> Path:
-    """``base_path`` unquantized in ``dtype`` (its first ``num_layers`` decoder layers when set) with the
-    adapter in ``adapter_path`` merged in, saved with ``tokenizer`` to ``out_dir``."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    extra = truncation_kwargs(base_path, num_layers)
-    if kind == "seq_cls":
-        base = AutoModelForSequenceClassification.from_pretrained(
-            str(base_path), num_labels=1, dtype=torch_dtype(dtype), **extra
-        )
-        base.config.pad_token_id = tokenizer.pad_token_id
-    else:
-        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype(dtype), **extra)
-    merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
+    """``merged_model(...)`` saved with ``tokenizer`` to ``out_dir``."""
+    merged = merged_model(base_path, adapter_path, kind, dtype, tokenizer, num_layers)
     merged.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return Path(out_dir)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from stackllama import distributed, precision
-from stackllama.models.loader import load_model, load_tokenizer, model_folder, torch_dtype
+from stackllama.models.loader import count_parameters, load_model, load_tokenizer, model_folder, torch_dtype
+from stackllama.models.merge import merge_in_memory, merged_model
 from stackllama.stages import sft_utils
 from stackllama.tracking import trainer_callback
 
@@ -47,7 +48,7 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
     base_path = model_folder(cfg.model)
     tokenizer = load_tokenizer(base_path)
     model = load_policy(cfg, ctx, base_path, tokenizer)
-    metrics: dict[str, Any] = {**splits.stats, **sft_utils.count_parameters(model)}
+    metrics: dict[str, Any] = {**splits.stats, **count_parameters(model)}
     metrics.update(
         {
             "data/sft_train_texts": len(train_ds),
@@ -300,11 +301,11 @@ def train(cfg: Any, trainer: Any, work_dir: Path) -> dict[str, Any]:
 def merge(cfg: Any, ctx: Any, model: Any, base_path: Path, work_dir: Path):
     """The trained model as a plain one: LoRA folded into full-precision base weights."""
     if cfg.quantization.mode == "none":
-        return sft_utils.merge_in_memory(model)
+        return merge_in_memory(model)
     adapter_dir = work_dir / ADAPTER
     model.save_pretrained(str(adapter_dir))
     log.info("Merging the adapter onto the unquantized base (%s)", cfg.quantization.compute_dtype)
-    return sft_utils.merge_onto_unquantized_base(adapter_dir, base_path, cfg.quantization.compute_dtype, ctx.device)
+    return merged_model(base_path, adapter_dir, "causal_lm", cfg.quantization.compute_dtype, device=ctx.device)
 
 
 def log_samples(cfg: Any, ctx: Any, model: Any, tokenizer: Any, held_ds: Any) -> None:

@@ -153,16 +153,6 @@ class TokenCountingCollator:
 # --------------------------------------------------------------------------- parameters
 
 
-def count_parameters(model: Any) -> dict[str, int]:
-    """Trainable and total parameters; peft counts 4-bit packed weights at their real size."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        trainable, total = model.get_nb_trainable_parameters()
-    else:
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"params/trainable": int(trainable), "params/total": int(total)}
-
-
 def cast_trainable(model: Any, dtype: torch.dtype) -> None:
     """Cast the trainable (adapter) parameters to ``dtype``.
 
@@ -183,37 +173,6 @@ def trainable_fingerprint(model: Any) -> float:
 
 
 # --------------------------------------------------------------------------- merging
-
-
-def is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-def merge_in_memory(model: Any) -> Any:
-    """Fold LoRA into the (unquantized) base weights; a plain model is returned as is."""
-    return model.merge_and_unload() if is_peft(model) else model
-
-
-def merge_onto_unquantized_base(adapter_dir: Path, base_path: Path, compute_dtype: str, device: Any) -> Any:
-    """Merge a saved adapter into the base model reloaded unquantized in ``compute_dtype``.
-
-    Merging into bitsandbytes weights would requantize (and lose) the LoRA delta, so like the
-    StackLlama article's merge script the adapter is applied to full-precision base weights.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from stackllama.models.loader import torch_dtype
-
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype(compute_dtype))
-    base.to(device)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.eval()
-    return merged
 
 
 def save_plain_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
