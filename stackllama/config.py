@@ -370,9 +370,9 @@ class PPOConfig:
     score_clip: Optional[float] = field(default=None, metadata=positive())  # clip the (normalized) score to [-c, c]
     reward_batch_size: int = field(default=16, metadata=at_least(1))
     # KL
-    # set it to fix beta; None uses the adaptive controller
+    # beta, the KL penalty per nat: the one way to fix it. None: the article's adaptive controller
+    # (Ziegler et al. 2019), starting at init_kl_coef and steering the KL toward target over horizon
     kl_coef: Optional[float] = field(default=None, metadata=non_negative())
-    adap_kl_ctrl: bool = True
     init_kl_coef: float = field(default=0.2, metadata=non_negative())
     target: float = field(default=6.0, metadata=positive())
     horizon: float = field(default=10000.0, metadata=positive())

@@ -46,12 +46,10 @@ log = logging.getLogger(__name__)
 
 
 def make_kl_controller(cfg: Any) -> core.FixedKLController | core.AdaptiveKLController:
-    """``ppo.kl_coef`` set -> fixed beta; else the article's adaptive controller (or fixed init)."""
+    """``ppo.kl_coef`` set -> fixed beta; else the article's adaptive controller."""
     if cfg.kl_coef is not None:
         return core.FixedKLController(float(cfg.kl_coef))
-    if cfg.adap_kl_ctrl:
-        return core.AdaptiveKLController(float(cfg.init_kl_coef), float(cfg.target), float(cfg.horizon))
-    return core.FixedKLController(float(cfg.init_kl_coef))
+    return core.AdaptiveKLController(float(cfg.init_kl_coef), float(cfg.target), float(cfg.horizon))
 
 
 Scorer = Callable[[list[str], list[str]], torch.Tensor]

@@ -391,7 +391,7 @@ def write_report(
     reused = dict(reused or {})
     figs = run_dir / FIG_DIR
     history = load_history(Path(upstream["ppo"]) / "history.jsonl") if "ppo" in upstream else []
-    adaptive = cfg.ppo.kl_coef is None and bool(cfg.ppo.adap_kl_ctrl)
+    adaptive = cfg.ppo.kl_coef is None
     images: list[tuple[str, str, Path]] = []  # (tracker name, caption, path)
     for name, caption, maker in (
         (
