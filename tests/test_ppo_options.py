@@ -348,3 +348,53 @@ def test_the_article_experiment_runs_the_article_s_number_of_episodes():
     # updates of 32; our ppo.steps counts updates (it once defaulted to 20000, 32x the article).
     cfg = compose_cfg(["experiment=article"])
     assert cfg.ppo.steps * cfg.ppo.batch_size == 20000
+
+
+# --------------------------------------------------------------------------- update mechanics
+
+
+def _length_reward(questions, answers):
+    return torch.tensor([float(len(a)) for a in answers])
+
+
+def _one_step(tmp_path: Path, *overrides: str, steps: int = 1) -> tuple[dict, dict]:
+    cfg = _cfg("lora.dropout=0.0", "ppo.min_new_tokens=8", "ppo.max_new_tokens=9", "ppo.learning_rate=1e-2", *overrides)
+    policy, tok = _policy(cfg)
+    torch.manual_seed(1)
+    trainer = _trainer(cfg, policy, tok, _length_reward, tmp_path)
+    for _ in range(steps):
+        stats = trainer.step()
+    return stats, {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def test_gradient_accumulation_splits_a_mini_batch_without_changing_the_update(tmp_path):
+    """ppo.mini_batch_size episodes per optimizer step, whatever gradient_accumulation_steps: with
+    equal-length responses 2 micro-batches of 2 give the update of one forward over 4."""
+    _, once = _one_step(tmp_path / "a", "ppo.gradient_accumulation_steps=1")
+    _, split = _one_step(tmp_path / "b", "ppo.gradient_accumulation_steps=2")
+    _, other = _one_step(tmp_path / "c", "ppo.mini_batch_size=2")  # twice the optimizer steps: another update
+    assert all(torch.allclose(once[n], split[n], atol=1e-6, rtol=1e-4) for n in once)
+    assert any(not torch.allclose(once[n], other[n], atol=1e-6, rtol=1e-4) for n in once)
+
+
+def test_ratio_threshold_skips_micro_batches_that_moved_too_far(tmp_path):
+    stats, _ = _one_step(tmp_path / "a", "ppo.ppo_epochs=3")
+    assert stats["ppo/skipped_batches"] == 0  # the default threshold, 10
+    stats, _ = _one_step(tmp_path / "b", "ppo.ppo_epochs=3", "ppo.ratio_threshold=1.000001")
+    assert stats["ppo/skipped_batches"] > 0
+
+
+def test_target_kl_stops_the_remaining_epochs(tmp_path):
+    """An epoch's mean approx KL above 1.5 x target_kl ends the step's epochs (ppo/early_stop)."""
+    free, _ = _one_step(tmp_path / "a", "ppo.ppo_epochs=4")
+    stopped, _ = _one_step(tmp_path / "b", "ppo.ppo_epochs=4", "ppo.target_kl=1e-9")
+    assert free["ppo/early_stop"] == 0.0 and stopped["ppo/early_stop"] == 1.0
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3", "abs"])
+def test_a_non_k1_estimator_drives_the_kl_in_the_reward(tmp_path, estimator):
+    """ppo.kl_estimator reaches the KL penalty: a non-negative estimator gives a non-negative KL,
+    and a different one from k1's on the same rollouts."""
+    k1, _ = _one_step(tmp_path / "k1", "ppo.kl_coef=0.1", steps=2)  # step 1 is at the reference: KL 0
+    other, _ = _one_step(tmp_path / estimator, "ppo.kl_coef=0.1", f"ppo.kl_estimator={estimator}", steps=2)
+    assert other["objective/kl"] >= 0.0 and other["objective/kl"] != pytest.approx(k1["objective/kl"])
