@@ -223,18 +223,16 @@ def save_merged(cfg: Any, model: Any, tokenizer: Any, base_path: Path, work_dir:
     return "in_memory"
 
 
-def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: Path) -> dict[str, Any]:
-    from stackllama.data import build_dataset, gold_scorer
-    from stackllama.models.loader import count_parameters, load_model, load_tokenizer
-    from stackllama.tracking import trainer_callback
+def training_data(cfg: Any, tokenizer: Any) -> tuple[dict[str, list], Any, dict[str, Any]]:
+    """The reward split's pairs as token ids (clear pairs only, too-long ones dropped and counted),
+    the held-out evaluation pairs, and the data metrics."""
+    from stackllama.data import build_dataset
 
     rm = cfg.rm
-    base_path = inputs["sft"]  # the SFT artifact, or rm.model_path (stackllama/pipeline.py)
     template = cfg.data.prompt_template
     seed = int(cfg.seed)
     max_length = int(rm.max_length)
     metrics: dict[str, Any] = {}
-
     splits = build_dataset(cfg.data)
     metrics.update(splits.stats)
     if len(splits.reward) == 0:
@@ -245,11 +243,15 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
             f"{splits.stats.get('data/reward_questions', 0)} questions give no pair of answers with different "
             "votes (pm_score); raise data.splits.reward or use more data"
         )
-    tokenizer = load_tokenizer(base_path, padding_side="right")
 
     grouped = bool(rm.group_by_question)
     train_pairs = clear_pairs(splits.reward, int(rm.min_pm_margin))
     metrics["data/below_pm_margin"] = len(splits.reward) - len(train_pairs)
+    if len(train_pairs) == 0:
+        raise ValueError(
+            f"no reward pairs to train on: none of the {len(splits.reward)} pairs differ by rm.min_pm_margin="
+            f"{int(rm.min_pm_margin)} or more in pm_score; lower it"
+        )
     if metrics["data/below_pm_margin"]:
         log.info(
             "rm: %d of %d pairs differ by less than rm.min_pm_margin=%d in pm_score; not trained on",
@@ -285,6 +287,61 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
         len(evaluation),
         ", pairs grouped by question" if grouped else "",
     )
+
+    return cols, evaluation, metrics
+
+
+def save_checked(
+    cfg: Any,
+    ctx: Any,
+    model: Any,
+    tokenizer: Any,
+    base_path: Path,
+    work_dir: Path,
+    out_dir: Path,
+    check: Any,
+    expected: Any,
+) -> dict[str, Any]:
+    """Merge and save the reward model; then reload the folder and check it scores the ``check``
+    pairs' chosen answers as the trained model did (``expected``, scored without autocast)."""
+    rm = cfg.rm
+    metrics = {"merge/method": save_merged(cfg, model, tokenizer, base_path, work_dir, out_dir)}
+    reloaded = RewardScorer.from_pretrained(
+        out_dir,
+        device=ctx.device,
+        batch_size=int(rm.eval_batch_size),
+        max_length=int(rm.max_length),
+        template=cfg.data.prompt_template,
+        dtype=_saved_dtype(cfg),
+    )
+    got = reloaded.score(list(check["question"]), list(check["chosen"]))
+    diff = float((got - expected).abs().max())
+    metrics["eval/merge_max_abs_diff"] = diff
+    scale = 1.0 + float(expected.abs().max())
+    if cfg.quantization.mode == "none" and _saved_dtype(cfg) == "float32" and diff > 1e-3 * scale:
+        raise RuntimeError(
+            f"the merged reward model scores differ from the trained one by {diff:.4g}: "
+            "the score head or adapters were not merged correctly"
+        )
+    if diff > 5e-2 * scale:
+        log.warning("merged reward model differs from the trained one by up to %.4g", diff)
+    return metrics
+
+
+def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Train the reward model on ``inputs["sft"]`` (data: ``training_data``), score the held-out
+    pairs, merge, save into ``out_dir`` and check the saved folder (``save_checked``)."""
+    from stackllama.data import gold_scorer
+    from stackllama.models.loader import count_parameters, load_model, load_tokenizer
+    from stackllama.tracking import trainer_callback
+
+    rm = cfg.rm
+    base_path = inputs["sft"]  # the SFT artifact, or rm.model_path (stackllama/pipeline.py)
+    template = cfg.data.prompt_template
+    max_length = int(rm.max_length)
+    tokenizer = load_tokenizer(base_path, padding_side="right")
+    cols, evaluation, metrics = training_data(cfg, tokenizer)
+    grouped = bool(rm.group_by_question)
 
     def load() -> Any:
         return load_model(
@@ -380,27 +437,10 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
         expected = chosen[:k]  # scores come back in input order
     else:
         expected = scorer(model, "no").score(list(check["question"]), list(check["chosen"]))
-    metrics["merge/method"] = save_merged(cfg, model, tokenizer, base_path, work_dir, out_dir)
-    del trainer, model
-    reloaded = RewardScorer.from_pretrained(
-        out_dir,
-        device=ctx.device,
-        batch_size=int(rm.eval_batch_size),
-        max_length=max_length,
-        template=template,
-        dtype=_saved_dtype(cfg),
-    )
-    got = reloaded.score(list(check["question"]), list(check["chosen"]))
-    diff = float((got - expected).abs().max())
-    metrics["eval/merge_max_abs_diff"] = diff
-    scale = 1.0 + float(expected.abs().max())
-    if cfg.quantization.mode == "none" and _saved_dtype(cfg) == "float32" and diff > 1e-3 * scale:
-        raise RuntimeError(
-            f"the merged reward model scores differ from the trained one by {diff:.4g}: "
-            "the score head or adapters were not merged correctly"
-        )
-    if diff > 5e-2 * scale:
-        log.warning("merged reward model differs from the trained one by up to %.4g", diff)
+    del trainer
+    metrics.update(save_checked(cfg, ctx, model, tokenizer, base_path, work_dir, out_dir, check, expected))
+    del model
+    diff = metrics["eval/merge_max_abs_diff"]
     ctx.tracker.log({k2: v for k2, v in metrics.items() if k2.startswith("eval/") and isinstance(v, float)})
     log.info(
         "rm: eval accuracy %.3f (before %.3f, gold %s), margin %.3f, merge diff %.2g",
