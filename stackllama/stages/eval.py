@@ -293,7 +293,6 @@ def compare(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate, score and compare; returns ``(metrics, one record per question)``."""
     from stackllama.data import format_prompt
-    from stackllama.reward import RewardScorer
 
     ev, device, seed = cfg.eval, ctx.device, int(cfg.seed)
     sampling = sampling_settings(cfg)
@@ -350,19 +349,7 @@ def compare(
     sft_tokens = [t for bt in sft_batches for t in bt.token_lists()]
 
     # 3. Reward model (the proxy) and gold scorer (the truth, synthetic data only) ------
-    scorer = RewardScorer.from_pretrained(
-        rm_path,
-        device=device,
-        batch_size=int(cfg.ppo.reward_batch_size),
-        max_length=int(cfg.rm.max_length),  # as PPO scores
-        template=cfg.data.prompt_template,
-        quant_cfg=cfg.quantization,
-        mixed_precision=mixed,
-    )
-    reward_ppo = scorer.score(qs, ppo_texts).tolist()
-    reward_sft = scorer.score(qs, sft_texts).tolist()
-    del scorer
-    _release_memory()
+    reward_ppo, reward_sft = score_both(cfg, rm_path, device, qs, ppo_texts, sft_texts)
     gold_ppo = gold_sft = None
     if gold is not None:
         gold_ppo = [float(x) for x in gold(list(qs), ppo_texts)]
@@ -380,22 +367,40 @@ def compare(
             "time/eval/score_s": round(t3 - t2, 3),
         }
     )
-    records = []
-    for i, q in enumerate(qs):
-        rec = {
-            "question": q,
-            "sft": sft_texts[i],
-            "ppo": ppo_texts[i],
-            "reward_sft": reward_sft[i],
-            "reward_ppo": reward_ppo[i],
-            "kl": kl[i],
-            "len_sft": len(sft_tokens[i]),
-            "len_ppo": len(ppo_tokens[i]),
-        }
-        if gold_ppo is not None and gold_sft is not None:
-            rec.update({"gold_sft": gold_sft[i], "gold_ppo": gold_ppo[i]})
-        records.append(rec)
+    columns = {
+        "sft": sft_texts,
+        "ppo": ppo_texts,
+        "reward_sft": reward_sft,
+        "reward_ppo": reward_ppo,
+        "kl": kl,
+        "len_sft": [len(t) for t in sft_tokens],
+        "len_ppo": [len(t) for t in ppo_tokens],
+    }
+    if gold_ppo is not None and gold_sft is not None:
+        columns.update({"gold_sft": gold_sft, "gold_ppo": gold_ppo})
+    records = [{"question": q, **{k: v[i] for k, v in columns.items()}} for i, q in enumerate(qs)]
     return metrics, records
+
+
+def score_both(
+    cfg: Any, rm_path: Path, device: Any, questions: Sequence[str], ppo_texts: list[str], sft_texts: list[str]
+) -> tuple[list[float], list[float]]:
+    """The reward model's scores of both sides' responses, as PPO scores (``rm.max_length``, precision)."""
+    from stackllama.reward import RewardScorer
+
+    scorer = RewardScorer.from_pretrained(
+        rm_path,
+        device=device,
+        batch_size=int(cfg.ppo.reward_batch_size),
+        max_length=int(cfg.rm.max_length),
+        template=cfg.data.prompt_template,
+        quant_cfg=cfg.quantization,
+        mixed_precision=precision.run_mode(cfg),
+    )
+    reward_ppo, reward_sft = scorer.score(questions, ppo_texts).tolist(), scorer.score(questions, sft_texts).tolist()
+    del scorer
+    _release_memory()
+    return reward_ppo, reward_sft
 
 
 def evaluate(cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path) -> float:
