@@ -73,6 +73,15 @@ def test_response_mask_cuts_at_length_and_eos():
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
 
 
+def response_logits(policy, input_ids, attention_mask, query_len: int, reference: bool = False) -> torch.Tensor:
+    """(B, R, V) logits of the response positions, through the paths PPO itself uses."""
+    if reference:
+        hidden, head = policy.reference_hidden(input_ids, attention_mask, query_len)
+    else:
+        hidden, head, _ = policy(input_ids, attention_mask, query_len)
+    return head(hidden)
+
+
 def test_batched_padded_forward_matches_single_examples():
     """Left-padded queries + right-padded responses give each row's own log-probs."""
     cfg = _cfg()
@@ -88,7 +97,7 @@ def test_batched_padded_forward_matches_single_examples():
         for row, q in enumerate(queries):
             n = int(ro.response_mask[row].sum())
             ids = torch.tensor([q + ro.response_ids[row, :n].tolist()])
-            single_logits = policy.response_logits(ids, torch.ones_like(ids), len(q))
+            single_logits = response_logits(policy, ids, torch.ones_like(ids), len(q))
             single = core.logprobs_from_logits(single_logits, ids[:, len(q) :])
             torch.testing.assert_close(batched[row, :n], single[0], atol=1e-4, rtol=1e-4)
     assert ro.response_mask.sum(1).tolist() == [7, 4]
@@ -107,8 +116,8 @@ def test_reference_is_the_policy_with_adapters_off():
         for p in policy.lm.parameters():
             if p.requires_grad:
                 p.add_(0.05)  # move the adapters away from zero: policy != reference now
-        pol = policy.response_logits(ids, att, 4)
-        ref = policy.reference_logits(ids, att, 4)
+        pol = response_logits(policy, ids, att, 4)
+        ref = response_logits(policy, ids, att, 4, reference=True)
         with policy.lm.disable_adapter():
             base = policy.lm(input_ids=ids).logits[:, 3:-1]
     assert not torch.allclose(pol, ref, atol=1e-3)
@@ -122,8 +131,8 @@ def exact_kl_to_reference(trainer: PPOTrainer) -> float:
         [f"Question: {q}\n\nAnswer: it depends on the yeast" for q in QUESTIONS[:6]], return_tensors="pt", padding=True
     )
     with torch.no_grad():
-        logits = policy.response_logits(enc.input_ids, enc.attention_mask, 1)
-        ref = policy.reference_logits(enc.input_ids, enc.attention_mask, 1)
+        logits = response_logits(policy, enc.input_ids, enc.attention_mask, 1)
+        ref = response_logits(policy, enc.input_ids, enc.attention_mask, 1, reference=True)
     lp, lr = logits.log_softmax(-1), ref.log_softmax(-1)
     kl = (lp.exp() * (lp - lr)).sum(-1)  # (B, T-1)
     mask = enc.attention_mask[:, 1:].float()

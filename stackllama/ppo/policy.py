@@ -214,18 +214,6 @@ class PolicyWithValueHead(nn.Module):
 
         return hidden, head
 
-    @torch.no_grad()
-    def response_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-        """Full (B, R, V) response logits of the policy, for analysis and tests (PPO itself never builds them)."""
-        hidden, head, _ = self(input_ids, attention_mask, query_len, with_values=False)
-        return head(hidden)
-
-    @torch.no_grad()
-    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-        """Full (B, R, V) response logits of the reference."""
-        hidden, head = self.reference_hidden(input_ids, attention_mask, query_len)
-        return head(hidden)
-
     def generation_model(self) -> Any:
         """The module whose ``generate`` samples rollouts (adapters active)."""
         return self.lm
