@@ -1,4 +1,4 @@
-"""Atomic PPO checkpoints: adapters + value head, optimizer, scheduler, loop state, RNG.
+"""Atomic PPO checkpoints: adapters + value head, optimizer, loop state, RNG.
 
 Only the trainable tensors are saved (LoRA weights and the value head): the frozen base is
 re-loaded from the SFT artifact. Each checkpoint is written into a temporary folder and
@@ -41,9 +41,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    folder: Path, step: int, module: torch.nn.Module, optimizer, scheduler, loop_states: list[dict]
+    folder: Path, step: int, module: torch.nn.Module, optimizer, loop_states: list[dict]
 ) -> Path:
-    """Write step ``step`` atomically: the trainable tensors, optimizer and scheduler (the same
+    """Write step ``step`` atomically: the trainable tensors and optimizer (the same
     on every rank) and ``loop_states``, one ``{"loop": ..., "rng": rng_state()}`` per process
     in rank order (a single entry without data parallelism)."""
     folder = Path(folder)
@@ -54,7 +54,7 @@ def save_checkpoint(
     tmp.mkdir()
     torch.save(_trainable_state(module), tmp / "trainable.pt")
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ranks": loop_states},
+        {"optimizer": optimizer.state_dict(), "ranks": loop_states},
         tmp / "state.pt",
     )
     final = folder / name
@@ -70,9 +70,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    folder: Path, module: torch.nn.Module, optimizer, scheduler, rank: int = 0, world_size: int = 1
+    folder: Path, module: torch.nn.Module, optimizer, rank: int = 0, world_size: int = 1
 ) -> dict | None:
-    """Restore the newest checkpoint into ``module``/``optimizer``/``scheduler`` and this rank's
+    """Restore the newest checkpoint into ``module``/``optimizer`` and this rank's
     RNG state; returns this rank's loop state, or None if there is no checkpoint."""
     pointer = Path(folder) / LATEST
     if not pointer.exists():
@@ -87,13 +87,12 @@ def load_checkpoint(
         for n, tensor in weights.items():
             params[n].copy_(tensor.to(params[n].device, params[n].dtype))
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    ranks = state.get("ranks") or [{"loop": state["loop"], "rng": state["rng"]}]  # single-process format
+    ranks = state["ranks"]
     if len(ranks) != world_size:
         raise RuntimeError(
             f"checkpoint {ckpt} was written by {len(ranks)} process(es); this job has {world_size}: "
             "resume with the same number of processes, or set ppo.resume=false"
         )
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(ranks[rank]["rng"])
     return ranks[rank]["loop"]
