@@ -40,9 +40,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    folder: Path, step: int, module: torch.nn.Module, optimizer, loop_states: list[dict]
-) -> Path:
+def save_checkpoint(folder: Path, step: int, module: torch.nn.Module, optimizer, loop_states: list[dict]) -> Path:
     """Write step ``step`` atomically: the trainable tensors and optimizer (the same
     on every rank) and ``loop_states``, one ``{"loop": ..., "rng": rng_state()}`` per process
     in rank order (a single entry without data parallelism)."""

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from stackllama.models.padding import pad
+
 log = logging.getLogger(__name__)
 
 
@@ -46,13 +48,8 @@ class Rollout:
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
+    """Queries padded on the left, so every response starts at the same column."""
+    return pad(seqs, pad_id, side="left")
 
 
 def response_mask_from(

@@ -36,6 +36,7 @@ import torch
 from stackllama import precision
 from stackllama.data.recipe import format_text  # the SFT text is the text the RM scores
 from stackllama.models.loader import text_config
+from stackllama.models.padding import pad
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +71,9 @@ def pad_batch(
     seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and mask-derived ``position_ids`` for ``seqs``."""
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side {side!r}; choose left or right")
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        n = len(seq)
-        if n == 0:
-            raise ValueError("cannot score an empty token sequence")
-        sl = slice(0, n) if side == "right" else slice(width - n, width)
-        ids[i, sl] = torch.tensor(list(seq), dtype=torch.long)
-        mask[i, sl] = 1
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("cannot score an empty token sequence")
+    ids, mask = pad(seqs, pad_id, side)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, positions
 

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import torch
 
+from stackllama.models.padding import pad
+
 
 class GroupedPairSampler(torch.utils.data.Sampler):
     """Pair indices, a group's pairs consecutive, groups of similar length in shuffled batches.
@@ -87,12 +89,7 @@ class DedupPreferenceCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         distinct, index = dedup_pairs([e["chosen_ids"] for e in examples], [e["rejected_ids"] for e in examples])
-        width = max(len(s) for s in distinct)
-        input_ids = torch.full((len(distinct), width), self.pad_token_id, dtype=torch.long)  # [U, T]
-        attention_mask = torch.zeros((len(distinct), width), dtype=torch.long)  # [U, T]
-        for row, seq in enumerate(distinct):
-            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, : len(seq)] = 1
+        input_ids, attention_mask = pad(distinct, self.pad_token_id)  # [U, T] each
         out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from stackllama.models.padding import pad
+
 log = logging.getLogger(__name__)
 
 
@@ -89,12 +91,7 @@ def token_nll(
     try:
         for start in range(0, len(encoded), max(1, batch_size)):
             chunk = encoded[start : start + batch_size]
-            width = max(len(x) for x in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, x in enumerate(chunk):
-                ids[row, : len(x)] = torch.tensor(x)
-                mask[row, : len(x)] = 1
+            ids, mask = pad(chunk, pad_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             target = ids[:, 1:].to(logp.device)
