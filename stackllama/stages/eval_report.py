@@ -377,22 +377,12 @@ def sample_rows(records: Sequence[Mapping[str, Any]], n: int) -> tuple[list[str]
     return columns, rows
 
 
-def write_report(
-    cfg: Any,
-    run_dir: Path,
-    metrics: Mapping[str, Any],
-    records: Sequence[Mapping[str, Any]],
-    upstream: Mapping[str, Path],
-    reused: Mapping[str, Any] | None = None,
-    tracker: Any = None,
-) -> Path:
-    """Write ``report.md``, ``report.html`` and ``figures/*.png`` in ``run_dir``; returns report.md."""
-    run_dir = Path(run_dir)
-    reused = dict(reused or {})
-    figs = run_dir / FIG_DIR
-    history = load_history(Path(upstream["ppo"]) / "history.jsonl") if "ppo" in upstream else []
+def draw_figures(
+    cfg: Any, history: list, records: Sequence[Mapping[str, Any]], figs: Path
+) -> list[tuple[str, str, Path]]:
+    """The report's figures as ``(tracker name, caption, path)``; a figure that fails is logged and left out."""
     adaptive = cfg.ppo.kl_coef is None
-    images: list[tuple[str, str, Path]] = []  # (tracker name, caption, path)
+    images: list[tuple[str, str, Path]] = []
     for name, caption, maker in (
         (
             "eval/ppo_reward_curve",
@@ -417,16 +407,66 @@ def write_report(
             path = None
         if path is not None:
             images.append((name, caption, path))
+    return images
 
+
+def proxy_vs_truth(metrics: Mapping[str, Any]) -> list[str]:
+    """One line saying whether the reward model over- or underrates PPO against the gold scorer."""
+    gap = metrics.get("eval/proxy_gold_win_gap")
+    if "eval/gold_win_rate_vs_sft" not in metrics or not (isinstance(gap, float) and math.isfinite(gap)):
+        return []
+    if gap > 0.1:
+        verdict = "the reward model overrates the PPO policy (reward over-optimization)"
+    elif gap < -0.1:
+        verdict = "the reward model underrates the PPO policy"
+    else:
+        verdict = "the reward model and the gold scorer broadly agree"
+    return [
+        f"Proxy vs truth: RM win rate {fmt(metrics.get('eval/win_rate_vs_sft'))}, gold win rate "
+        f"{fmt(metrics.get('eval/gold_win_rate_vs_sft'))}: {verdict}.",
+        "",
+    ]
+
+
+def log_to_tracker(tracker: Any, records: Sequence[Mapping[str, Any]], n_samples: int, images: list) -> None:
+    """The sample table and the figures, to W&B / TensorBoard."""
+    gold = bool(records) and "gold_ppo" in records[0]
+    cols = ["#", "question", "sft", "ppo", "reward_sft", "reward_ppo"] + (["gold_sft", "gold_ppo"] if gold else [])
+    rows = [
+        [i + 1, r["question"], r["sft"], r["ppo"], r["reward_sft"], r["reward_ppo"]]
+        + ([r["gold_sft"], r["gold_ppo"]] if gold else [])
+        for i, r in enumerate(records[:n_samples])
+    ]
+    tracker.log_table("eval/samples", cols, rows)
+    for name, _, path in images:
+        tracker.log_image(name, path)
+
+
+def write_report(
+    cfg: Any,
+    run_dir: Path,
+    metrics: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    upstream: Mapping[str, Path],
+    reused: Mapping[str, Any] | None = None,
+    tracker: Any = None,
+) -> Path:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` in ``run_dir``; returns report.md."""
+    run_dir = Path(run_dir)
+    reused = dict(reused or {})
+    history = load_history(Path(upstream["ppo"]) / "history.jsonl") if "ppo" in upstream else []
+    images = draw_figures(cfg, history, records, run_dir / FIG_DIR)
     n_samples = int(cfg.eval.num_samples_in_report)
     s_cols, s_rows = sample_rows(records, n_samples)
     n_q = metrics.get("eval/num_questions")
+    p = cfg.ppo
     lines = [
         "# StackLlama evaluation: PPO policy vs SFT reference",
         "",
         f"Model `{cfg.model.name}`, data `{cfg.data.source}`, seed {cfg.seed}; {fmt(n_q)} held-out questions "
-        f"(evaluation split), one sampled response per model per question (top_k=0, top_p=1.0, "
-        f"{cfg.eval.max_new_tokens} new tokens, same seeds for both models). Rewards from the reward model"
+        f"(evaluation split), one sampled response per model per question (PPO's sampling: temperature "
+        f"{p.temperature}, top_k={p.top_k}, top_p={p.top_p}; {cfg.eval.max_new_tokens} new tokens, same seeds "
+        "for both models). Rewards from the reward model"
         + (", gold scores from the synthetic data's hidden scorer." if "eval/gold_mean_ppo" in metrics else "."),
         "",
         "## Figures",
@@ -435,23 +475,7 @@ def write_report(
         "",
         md_table(["comparison", "metric", "value"], comparison_rows(metrics)),
         "",
-    ]
-    if "eval/gold_win_rate_vs_sft" in metrics:
-        gap = metrics.get("eval/proxy_gold_win_gap")
-        if isinstance(gap, float) and math.isfinite(gap):
-            verdict = (
-                "the reward model overrates the PPO policy (reward over-optimization)"
-                if gap > 0.1
-                else "the reward model underrates the PPO policy"
-                if gap < -0.1
-                else "the reward model and the gold scorer broadly agree"
-            )
-            lines += [
-                f"Proxy vs truth: RM win rate {fmt(metrics.get('eval/win_rate_vs_sft'))}, gold win rate "
-                f"{fmt(metrics.get('eval/gold_win_rate_vs_sft'))}: {verdict}.",
-                "",
-            ]
-    lines += [
+        *proxy_vs_truth(metrics),
         "## Artifacts",
         "",
         md_table(["stage", "path", "key", "this run", "built", "headline metrics"], upstream_rows(upstream, reused)),
@@ -485,19 +509,8 @@ def write_report(
         )
     except Exception:
         log.exception("could not write report.html")
-
     if tracker is not None:
-        plain_rows = [
-            [i + 1, r["question"], r["sft"], r["ppo"], r["reward_sft"], r["reward_ppo"]]
-            + ([r["gold_sft"], r["gold_ppo"]] if "gold_ppo" in r else [])
-            for i, r in enumerate(records[:n_samples])
-        ]
-        cols = ["#", "question", "sft", "ppo", "reward_sft", "reward_ppo"]
-        if records and "gold_ppo" in records[0]:
-            cols += ["gold_sft", "gold_ppo"]
-        tracker.log_table("eval/samples", cols, plain_rows)
-        for name, _, path in images:
-            tracker.log_image(name, path)
+        log_to_tracker(tracker, records, n_samples, images)
     log.info("Wrote %s (%d figures)", report, len(images))
     return report
 
