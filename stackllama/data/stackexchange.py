@@ -160,6 +160,45 @@ def _int(value: str | None) -> int | None:
         return None
 
 
+def question_record(row: dict[str, str], qid: str, body: str, score: int, site: str) -> dict[str, Any]:
+    """A question row as a record without answers: title + body as the question text, tags
+    (``<a><b>`` in older dumps, ``|a|b|`` in newer ones) and the site in the metadata."""
+    title = (row.get("Title") or "").strip()
+    tags = re.findall(r"<([^<>]+)>", row.get("Tags") or "")
+    if not tags and row.get("Tags"):
+        tags = [t for t in (row.get("Tags") or "").strip("|").split("|") if t]
+    return {
+        "qid": qid,
+        "question": f"{title}\n\n{body}" if title else body,
+        "answers": [],
+        "date": row.get("CreationDate", ""),
+        "metadata": {"site": site, "title": title, "tags": tags, "score": score, "source": "stackexchange_dump"},
+    }
+
+
+def attach_answers(
+    questions: dict[str, dict],
+    answers: list[tuple[str, dict]],
+    accepted: dict[str, str],
+    skipped_questions: set[str],
+    stats: dict[str, Any],
+) -> None:
+    """Give each question its answers (which may precede it in the file) with their pm_score;
+    count the answers of skipped questions and the orphans."""
+    for parent, ans in answers:
+        if parent in questions:
+            ans["selected"] = accepted.get(parent) == ans["answer_id"]
+            ans["pm_score"] = pm_score(ans["score"], ans["selected"])
+            questions[parent]["answers"].append(
+                {k: ans[k] for k in ("answer_id", "pm_score", "selected", "text", "score")}
+            )
+        elif parent in skipped_questions:
+            bump(stats, "data/skipped_answers_of_skipped_questions")
+        else:
+            bump(stats, "data/skipped_orphan_answers")
+            bump(stats, "data/skipped_malformed_rows")
+
+
 def load_posts(path: str | Path, min_answers: int = 2) -> tuple[list[dict], dict[str, Any]]:
     """Parse a site's Posts.xml into records (see the module docstring); returns (records, stats)."""
     posts_path = resolve_posts_path(path)
@@ -207,23 +246,7 @@ def load_posts(path: str | Path, min_answers: int = 2) -> tuple[list[dict], dict
                 bump(stats, "data/skipped_empty_questions")
                 skipped_questions.add(qid)
                 continue
-            title = (row.get("Title") or "").strip()
-            tags = re.findall(r"<([^<>]+)>", row.get("Tags") or "")
-            if not tags and row.get("Tags"):
-                tags = [t for t in (row.get("Tags") or "").strip("|").split("|") if t]
-            questions[qid] = {
-                "qid": qid,
-                "question": f"{title}\n\n{body}" if title else body,
-                "answers": [],
-                "date": row.get("CreationDate", ""),
-                "metadata": {
-                    "site": site,
-                    "title": title,
-                    "tags": tags,
-                    "score": score,
-                    "source": "stackexchange_dump",
-                },
-            }
+            questions[qid] = question_record(row, qid, body, score, site)
             if row.get("AcceptedAnswerId"):
                 accepted[qid] = row["AcceptedAnswerId"].strip()
         else:
@@ -236,19 +259,7 @@ def load_posts(path: str | Path, min_answers: int = 2) -> tuple[list[dict], dict
                 continue
             answers.append((str(parent), {"answer_id": str(post_id), "text": body, "score": score}))
 
-    for parent, ans in answers:  # answers may precede their question in the file
-        if parent in questions:
-            ans["selected"] = accepted.get(parent) == ans["answer_id"]
-            ans["pm_score"] = pm_score(ans["score"], ans["selected"])
-            questions[parent]["answers"].append(
-                {k: ans[k] for k in ("answer_id", "pm_score", "selected", "text", "score")}
-            )
-        elif parent in skipped_questions:
-            bump(stats, "data/skipped_answers_of_skipped_questions")
-        else:
-            bump(stats, "data/skipped_orphan_answers")
-            bump(stats, "data/skipped_malformed_rows")
-
+    attach_answers(questions, answers, accepted, skipped_questions, stats)
     records = filter_min_answers(list(questions.values()), min_answers, stats)
     count_records(records, stats)
     if stats["data/rows"] == 0:
