@@ -102,6 +102,9 @@ def resolve(stage: str, cfg: Any, ctx: Any, on_ready: Optional[OnReady] = None) 
 
     Records ``upstream/<name>/path`` and ``upstream/<name>/reused`` (and ``/explicit``) for each.
     """
+    for node in (stage, *plan(stage, cfg)):  # every explicit path checked before anything is built
+        for name in INPUTS[node]:
+            explicit(node, name, cfg)
     ready: dict[str, Path] = {}
     for name in plan(stage, cfg):
         started = time.time()

@@ -373,8 +373,13 @@ def test_gradient_accumulation_splits_a_mini_batch_without_changing_the_update(t
     _, once = _one_step(tmp_path / "a", "ppo.gradient_accumulation_steps=1")
     _, split = _one_step(tmp_path / "b", "ppo.gradient_accumulation_steps=2")
     _, other = _one_step(tmp_path / "c", "ppo.mini_batch_size=2")  # twice the optimizer steps: another update
-    assert all(torch.allclose(once[n], split[n], atol=1e-6, rtol=1e-4) for n in once)
-    assert any(not torch.allclose(once[n], other[n], atol=1e-6, rtol=1e-4) for n in once)
+
+    def rel(x: dict, y: dict) -> float:  # relative distance over all trained tensors
+        return float(sum((x[n] - y[n]).norm() ** 2 for n in x) ** 0.5 / sum(x[n].norm() ** 2 for n in x) ** 0.5)
+
+    # Adam turns float-rounding differences of near-zero gradients into visible ones: compare the
+    # whole update (5e-5 here) against what another update looks like (0.4 here).
+    assert rel(once, split) < 1e-3 and rel(once, other) > 0.1
 
 
 def test_ratio_threshold_skips_micro_batches_that_moved_too_far(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stackllama import artifacts, task
+from stackllama import artifacts, pipeline, task
 from stackllama.metrics import Metrics
 from stackllama.models.loader import model_folder
 from stackllama.task import RunContext
@@ -320,7 +320,7 @@ def test_sft_resumed_from_its_last_checkpoint_equals_an_uninterrupted_build(tmp_
     from stackllama.stages import sft
 
     straight_cfg = _tiny(f"artifacts_dir={tmp_path / 'a'}", *SFT_QUICK)
-    straight, m_straight = artifacts.run_stage("sft", straight_cfg, _ctx(tmp_path / "run-a"))
+    straight, m_straight = pipeline.run_stage("sft", straight_cfg, _ctx(tmp_path / "run-a"))
 
     cfg = _tiny(f"artifacts_dir={tmp_path / 'b'}", *SFT_QUICK)
 
@@ -330,9 +330,9 @@ def test_sft_resumed_from_its_last_checkpoint_equals_an_uninterrupted_build(tmp_
     with monkeypatch.context() as patch:
         patch.setattr(sft, "merge", crash)
         with pytest.raises(RuntimeError, match="simulated"):
-            artifacts.run_stage("sft", cfg, _ctx(tmp_path / "run-b1"))
+            pipeline.run_stage("sft", cfg, _ctx(tmp_path / "run-b1"))
     assert list((tmp_path / "b").glob("sft/*.work/checkpoints/checkpoint-2/trainer_state.json"))
-    resumed, m_resumed = artifacts.run_stage("sft", cfg, _ctx(tmp_path / "run-b2"))
+    resumed, m_resumed = pipeline.run_stage("sft", cfg, _ctx(tmp_path / "run-b2"))
 
     assert m_resumed["train/resumed_from_step"] == 2
     assert m_resumed["train/steps"] == m_straight["train/steps"] == 2

@@ -97,7 +97,7 @@ def _context(run_dir: Path):
 
 
 def _build_in_process(tmp_path: Path, *overrides: str):
-    from stackllama.artifacts import run_stage
+    from stackllama.pipeline import run_stage
 
     cfg = compose_cfg([*QUICK, f"artifacts_dir={tmp_path / 'artifacts'}", *overrides])
     folder, metrics = run_stage("sft", cfg, _context(tmp_path / "run"))

@@ -51,7 +51,7 @@ def run(cfg: Any, ctx: Any) -> float:
             }
         )
         how = "reused (built earlier with the same settings)" if reused else f"built in {seconds:.0f} s"
-        log.info("all: stage %s (%d/%d): %s artifact %s", stage, todo.index(stage) + 1, len(todo) + 1, how, folder)
+        log.info("all: %s artifact %s (%d/%d): %s", stage, folder, todo.index(stage) + 1, len(todo) + 1, how)
         summary.append(f"{stage}: {'reused' if reused else 'built'}")
 
     log.info("all: %s, then eval", " -> ".join(todo))
