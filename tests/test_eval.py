@@ -227,7 +227,7 @@ def _fake_ppo_artifact(folder: Path, steps: int = 25) -> None:
 def test_report_has_figures_artifacts_samples_and_plots(tmp_path):
     from stackllama.stages.eval_report import write_report
 
-    cfg = compose_cfg(TINY + [f"artifacts_dir={tmp_path}", "eval.num_samples_in_report=2"])
+    cfg = compose_cfg(TINY + [f"artifacts_dir={tmp_path}", "eval.num_samples_in_report=2", "ppo.temperature=0.7"])
     ppo = tmp_path / "art" / "ppo" / "tiny-abc123"
     _fake_ppo_artifact(ppo)
     explicit = tmp_path / "given_model"
@@ -280,6 +280,7 @@ def test_report_has_figures_artifacts_samples_and_plots(tmp_path):
         "built now",
         "explicit path",
         "Q1 &#124; with a pipe<br>and a line",
+        "temperature 0.7, top_k=0, top_p=1.0",  # the sampling eval used (it once said top_k=0 whatever ran)
     ):
         assert needle in text, needle
     pngs = sorted(p.name for p in (run_dir / "figures").glob("*.png"))
