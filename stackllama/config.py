@@ -377,6 +377,14 @@ class PPOConfig:
     target: float = field(default=6.0, metadata=positive())
     horizon: float = field(default=10000.0, metadata=positive())
     kl_estimator: str = "k1"  # k1 | k2 | k3 | abs
+    # Advantage estimator (stackllama/ppo/core.py: compute_advantages). gae: the value head's GAE
+    # (PPO). rloo: each response's total reward minus the mean of the other samples_per_prompt - 1
+    # responses to its prompt (Ahmadian et al. 2024). grpo: the total reward standardized within the
+    # prompt's group (Shao et al. 2024). The group estimators train no value head (vf_coef unused).
+    advantage: str = "gae"
+    # Responses sampled per prompt in a batch (batch_size / samples_per_prompt prompts a step);
+    # rloo and grpo need >= 2.
+    samples_per_prompt: int = field(default=1, metadata=at_least(1))
     # PPO objective
     gamma: float = field(default=1.0, metadata=in_range(0, 1))
     lam: float = field(default=0.95, metadata=in_range(0, 1))
@@ -491,6 +499,7 @@ CHOICES = {
     "rm.lora.task_type": ("CAUSAL_LM", "SEQ_CLS"),
     "ppo.kl_estimator": ("k1", "k2", "k3", "abs"),
     "ppo.score_normalize": ("none", "sft", "running"),
+    "ppo.advantage": ("gae", "rloo", "grpo"),
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": MIXED_PRECISION,
 }
@@ -512,6 +521,12 @@ def validate_choices(cfg: Any) -> None:
         raise ValueError("ppo.min_new_tokens must be < ppo.max_new_tokens (the range is [min, max))")
     if cfg.ppo.batch_size % cfg.ppo.mini_batch_size:
         raise ValueError("ppo.batch_size must be a multiple of ppo.mini_batch_size")
+    if cfg.ppo.batch_size % cfg.ppo.samples_per_prompt:
+        raise ValueError("ppo.batch_size must be a multiple of ppo.samples_per_prompt")
+    if cfg.ppo.advantage != "gae" and cfg.ppo.samples_per_prompt < 2:
+        raise ValueError(
+            f"ppo.advantage={cfg.ppo.advantage} compares the responses to one prompt: set ppo.samples_per_prompt >= 2"
+        )
     if cfg.ppo.mixed_precision not in (None, *MIXED_PRECISION):
         raise ValueError(
             f"ppo.mixed_precision={cfg.ppo.mixed_precision!r} is not valid; choose one of: "

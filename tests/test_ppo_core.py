@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from stackllama.ppo import core
 from stackllama.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -385,3 +386,26 @@ def test_repetition_stats_handmade():
     assert repetition_stats([], []) == {"frac_repeat_dominated": 0.0, "frac_fence_spam": 0.0, "frac_hacking": 0.0}
     with pytest.raises(ValueError):
         repetition_stats([[1]], [])
+
+
+def test_rloo_and_grpo_advantages_by_hand():
+    """Two prompts, k = 2 and k = 4 samples; rewards on the last real token, a padded position."""
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.float)
+    rewards = torch.zeros(4, 3)
+    rewards[0, 1], rewards[1, 2], rewards[2, 0], rewards[3, 2] = 1.0, 3.0, 2.0, 6.0  # R = 1, 3, 2, 6
+    rewards[1, 0] = -0.5  # a per-token KL penalty counts in the total: R_1 = 2.5
+    adv, ret = core.compute_rloo(rewards, mask, k=2)
+    # pairs (1, 2.5) and (2, 6): A_i = R_i - R_other
+    expected = torch.tensor([-1.5, 1.5, -4.0, 4.0])
+    torch.testing.assert_close(adv, expected[:, None] * mask)
+    torch.testing.assert_close(ret, torch.tensor([1.0, 2.5, 2.0, 6.0])[:, None] * mask)
+    adv4, _ = core.compute_rloo(rewards, mask, k=4)  # one group: baseline = mean of the other three
+    totals = torch.tensor([1.0, 2.5, 2.0, 6.0])
+    torch.testing.assert_close(adv4[:, 0], totals - (totals.sum() - totals) / 3)
+    g, _ = core.compute_grpo(rewards, mask, k=2)  # (R - mean) / (std + eps); std of 2 values = |a-b|/sqrt(2)
+    torch.testing.assert_close(g[:, 0], torch.tensor([-1.0, 1.0, -1.0, 1.0]) / 2**0.5, atol=1e-5, rtol=1e-5)
+    assert (g * (1 - mask)).abs().sum() == 0  # nothing on padding
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        core.compute_rloo(rewards, mask, k=3)  # 3 does not divide 4
+    a, _ = core.compute_advantages("rloo", torch.zeros(4, 3), rewards, mask, 1.0, 1.0, 2)
+    torch.testing.assert_close(a, adv)

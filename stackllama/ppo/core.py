@@ -166,6 +166,56 @@ def compute_gae(
     return advantages, returns
 
 
+def _groups(rewards: Tensor, mask: Tensor, k: int) -> Tensor:
+    """(B, R) per-token rewards -> (B/k, k) total reward of each response, rows = one prompt's k samples."""
+    B = rewards.shape[0]
+    if k < 2 or B % k:
+        raise ValueError(f"group estimators need samples_per_prompt >= 2 dividing the batch; got k={k}, B={B}")
+    return (rewards * mask).sum(1).view(B // k, k)  # R_i = sum_t r_t (score + KL penalties)
+
+
+def compute_rloo(rewards: Tensor, mask: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): k responses per prompt, each one's baseline
+    is the mean total reward of the other k-1.
+
+        A_i = R_i - 1/(k-1) * sum_{j != i} R_j        (every token of response i gets A_i)
+
+    Returns ``(advantages, returns)``, (B, T), 0 at masked positions; returns = the total reward
+    R_i on every token (no value head is trained with this estimator)."""
+    g = _groups(rewards, mask, k)  # (B/k, k)
+    baseline = (g.sum(1, keepdim=True) - g) / (k - 1)  # mean of the other k-1
+    adv = (g - baseline).reshape(-1, 1) * mask  # (B, T)
+    return adv, g.reshape(-1, 1) * mask
+
+
+def compute_grpo(rewards: Tensor, mask: Tensor, k: int, eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath): each response's total reward
+    standardized within its prompt's group of k.
+
+        A_i = (R_i - mean_j R_j) / (std_j R_j + eps)  (every token of response i gets A_i)
+    """
+    g = _groups(rewards, mask, k)  # (B/k, k)
+    adv = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)
+    return adv.reshape(-1, 1) * mask, g.reshape(-1, 1) * mask
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo")  # gae trains the value head; the group ones need none
+
+
+def compute_advantages(
+    estimator: str, values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float, k: int
+) -> Tuple[Tensor, Tensor]:
+    """``(advantages, returns)`` by ``ppo.advantage``: GAE on the value head, or a group baseline
+    over the ``k = ppo.samples_per_prompt`` responses of each prompt."""
+    if estimator == "gae":
+        return compute_gae(values, rewards, mask, gamma, lam)
+    if estimator == "rloo":
+        return compute_rloo(rewards, mask, k)
+    if estimator == "grpo":
+        return compute_grpo(rewards, mask, k)
+    raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {ADVANTAGE_ESTIMATORS}")
+
+
 # --------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------

@@ -109,8 +109,9 @@ class PPOTrainer:
         B = int(cfg.batch_size)
         t_start = time.perf_counter()
 
-        # 1. Rollout ---------------------------------------------------------------
-        idx = self.prompts.next_batch(B)
+        # 1. Rollout: B / k prompts, each sampled k = samples_per_prompt times (consecutive rows)
+        k = int(cfg.samples_per_prompt)
+        idx = [i for i in self.prompts.next_batch(B // k) for _ in range(k)]
         questions = [self.prompts.questions[i] for i in idx]
         lengths = [self.length_sampler() for _ in range(B)]
         with self._autocast():
@@ -142,8 +143,11 @@ class PPOTrainer:
         beta = float(self.kl_ctl.value)
         rewards, kl = core.compute_rewards(scores, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)
 
-        # 5. GAE: delta_t = r_t + gamma V_{t+1} - V_t ; A_t = delta_t + gamma lam A_{t+1}
-        advantages, returns = core.compute_gae(old_values, rewards, mask, float(cfg.gamma), float(cfg.lam))
+        # 5. Advantages. gae: delta_t = r_t + gamma V_{t+1} - V_t ; A_t = delta_t + gamma lam A_{t+1}
+        #    rloo: A_i = R_i - mean of the other k-1 ; grpo: A_i = (R_i - mean_k) / std_k
+        advantages, returns = core.compute_advantages(
+            str(cfg.advantage), old_values, rewards, mask, float(cfg.gamma), float(cfg.lam), k
+        )
         if cfg.whiten_advantages:
             advantages = core.masked_whiten(advantages, mask)
 
@@ -289,7 +293,8 @@ class PPOTrainer:
             float(cfg.cliprange),
             cfg.dual_clip,
         )
-        loss = pg_loss + float(cfg.vf_coef) * vf_loss  # L = L_clip + c_vf * L_vf
+        vf_coef = float(cfg.vf_coef) if cfg.advantage == "gae" else 0.0  # group baselines need no critic
+        loss = pg_loss + vf_coef * vf_loss  # L = L_clip + c_vf * L_vf
         stats.update(
             {
                 "ppo/loss/policy": pg_loss,
