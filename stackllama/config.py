@@ -443,6 +443,9 @@ class EvalConfig:
     max_new_tokens: int = field(default=64, metadata=at_least(1))
     batch_size: int = field(default=16, metadata=at_least(1))
     num_samples_in_report: int = field(default=6, metadata=not_in_key(non_negative()))
+    # Best-of-n from the SFT model for each n listed (e.g. [1, 2, 4, 8, 16]): the RM's favourite of n
+    # samples, its RM and gold score, and KL = log n - (n-1)/n (stackllama/stages/best_of_n.py). []: off.
+    best_of_n: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -521,6 +524,8 @@ def validate_choices(cfg: Any) -> None:
         raise ValueError("ppo.min_new_tokens must be < ppo.max_new_tokens (the range is [min, max))")
     if cfg.ppo.batch_size % cfg.ppo.mini_batch_size:
         raise ValueError("ppo.batch_size must be a multiple of ppo.mini_batch_size")
+    if any(int(n) < 1 for n in cfg.eval.best_of_n):
+        raise ValueError(f"eval.best_of_n={list(cfg.eval.best_of_n)}: every n must be >= 1")
     if cfg.ppo.batch_size % cfg.ppo.samples_per_prompt:
         raise ValueError("ppo.batch_size must be a multiple of ppo.samples_per_prompt")
     if cfg.ppo.advantage != "gae" and cfg.ppo.samples_per_prompt < 2:

@@ -322,6 +322,7 @@ def test_stage_eval_with_given_models(tmp_path):
             f"artifacts_dir={tmp_path / 'art'}",
             f"ppo.policy_path={base}",
             f"ppo.reward_model_path={tiny_reward_folder()}",
+            "eval.best_of_n=[1,2,4]",
         ]
     )
     tracker = RecordingTracker()
@@ -331,6 +332,10 @@ def test_stage_eval_with_given_models(tmp_path):
     assert objective == m["eval/win_rate_vs_sft"] and 0.0 <= objective <= 1.0
     for key in EVAL_KEYS + GOLD_KEYS:
         assert key in m, key
+    # best-of-n from the SFT model: the RM's pick of more samples scores at least as well, KL analytic
+    bon = [m[f"eval/bon/{n}/reward_mean"] for n in (1, 2, 4)]
+    assert bon[0] <= bon[1] <= bon[2] and all(f"eval/bon/{n}/gold_mean" in m for n in (1, 2, 4))
+    assert m["eval/bon/1/kl"] == 0.0 and m["eval/bon/4/kl"] == pytest.approx(math.log(4) - 0.75)
     assert m["upstream/ppo/reused"] is False and m["upstream/sft/path"] == str(base)
     ppo_dir = Path(m["upstream/ppo/path"])
     assert (ppo_dir / "manifest.json").exists() and (ppo_dir / "history.jsonl").exists()

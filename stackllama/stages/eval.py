@@ -414,6 +414,12 @@ def evaluate(cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path) 
     metrics, records = compare(
         cfg, ctx, Path(ppo_path), Path(sft_path), Path(rm_path), list(splits.evaluation["question"]), gold
     )
+    if cfg.eval.best_of_n:
+        from stackllama.stages import best_of_n
+
+        t = time.time()
+        metrics.update(best_of_n.evaluate_sft(cfg, ctx, sft_path, rm_path, list(splits.evaluation["question"]), gold))
+        metrics["time/eval/best_of_n_s"] = round(time.time() - t, 3)
     metrics["time/stage/eval_s"] = round(time.time() - started, 3)
     ctx.metrics.update(metrics)
     with open(Path(ctx.run_dir) / "eval_samples.jsonl", "w") as fh:
