@@ -377,6 +377,10 @@ class PPOConfig:
     target: float = field(default=6.0, metadata=positive())
     horizon: float = field(default=10000.0, metadata=positive())
     kl_estimator: str = "k1"  # k1 | k2 | k3 | abs
+    # Where the KL penalty goes. false: in the reward, r_t = -beta * KL_t (+ score), as the article
+    # and PPO-RLHF. true: GRPO's form (Shao et al. 2024): rewards are the score alone and the loss
+    # adds beta * mean_t KL_t between the current policy and the reference (use kl_estimator=k3, as GRPO).
+    kl_in_loss: bool = False
     # Advantage estimator (stackllama/ppo/core.py: compute_advantages). gae: the value head's GAE
     # (PPO). rloo: each response's total reward minus the mean of the other samples_per_prompt - 1
     # responses to its prompt (Ahmadian et al. 2024). grpo: the total reward standardized within the

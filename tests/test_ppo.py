@@ -156,6 +156,25 @@ def test_large_kl_coef_keeps_policy_at_reference(tmp_path):
     assert all(h["objective/kl_coef"] == 1000.0 for h in hist)  # fixed, not adapted
 
 
+def test_kl_in_the_loss_keeps_the_policy_near_the_reference(tmp_path):
+    """ppo.kl_in_loss (GRPO's form): the rewards hold the score alone and the loss carries
+    beta * KL(pi || pi_ref) (k3); with a large beta the policy stays near the reference where the
+    same run without a penalty drifts."""
+    common = ["lora=default", "ppo.steps=10", "ppo.learning_rate=2e-3"]
+    free = _trainer(_cfg(*common, "ppo.kl_coef=0.0"), tmp_path / "free")
+    free.train()
+    tied = _trainer(
+        _cfg(*common, "ppo.kl_coef=1000.0", "ppo.kl_in_loss=true", "ppo.kl_estimator=k3", "ppo.vf_coef=0.0"),
+        tmp_path / "tied",
+    )
+    hist = tied.train()
+    kl_free, kl_tied = exact_kl_to_reference(free), exact_kl_to_reference(tied)
+    assert kl_free > 0.01, kl_free
+    assert kl_tied < 0.5 * kl_free, (kl_tied, kl_free)
+    assert all(h["ppo/mean_non_score_reward"] == 0.0 for h in hist)  # no KL in the reward
+    assert all("ppo/loss/kl" in h for h in hist)
+
+
 def test_adaptive_controller_moves_beta(tmp_path):
     cfg = _cfg(
         "ppo.steps=2", "ppo.kl_coef=null", "ppo.target=0.001", "ppo.horizon=100", "ppo.learning_rate=1e-3", "lora=none"

@@ -141,7 +141,8 @@ class PPOTrainer:
 
         # 4. Per-token rewards: r_t = -beta * KL_t ; r_T += score ----------------------
         beta = float(self.kl_ctl.value)
-        rewards, kl = core.compute_rewards(scores, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)
+        beta_in_reward = 0.0 if cfg.kl_in_loss else beta  # kl_in_loss: the KL term is in the loss (step 6)
+        rewards, kl = core.compute_rewards(scores, old_logprobs, ref_logprobs, mask, beta_in_reward, cfg.kl_estimator)
 
         # 5. Advantages. gae: delta_t = r_t + gamma V_{t+1} - V_t ; A_t = delta_t + gamma lam A_{t+1}
         #    rloo: A_i = R_i - mean of the other k-1 ; grpo: A_i = (R_i - mean_k) / std_k
@@ -152,7 +153,7 @@ class PPOTrainer:
             advantages = core.masked_whiten(advantages, mask)
 
         # 6. PPO epochs over shuffled mini-batches ------------------------------------
-        train_stats = self._optimize(ro, old_logprobs, old_values, advantages, returns, mask)
+        train_stats = self._optimize(ro, old_logprobs, old_values, advantages, returns, mask, ref_logprobs)
         t_optimize = time.perf_counter()
 
         # 7. KL control: beta <- beta * (1 + clip(KL/target - 1, -0.2, 0.2) * B/horizon)
@@ -262,7 +263,16 @@ class PPOTrainer:
         return tuple(torch.cat(out[k]).float() for k in ("logprobs", "values", "ref", "entropy"))
 
     def _micro_batch_loss(
-        self, ro: Rollout, i: torch.Tensor, old_logprobs, old_values, advantages, returns, mask, critic_only: bool
+        self,
+        ro: Rollout,
+        i: torch.Tensor,
+        old_logprobs,
+        old_values,
+        advantages,
+        returns,
+        mask,
+        critic_only: bool,
+        ref_logprobs=None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of episodes ``i`` (m of them): L = L_clip + vf_coef * L_vf, or vf_coef * L_vf alone in
         critic warm-up (then the backbone runs without grad: only the value head learns)."""
@@ -295,6 +305,10 @@ class PPOTrainer:
         )
         vf_coef = float(cfg.vf_coef) if cfg.advantage == "gae" else 0.0  # group baselines need no critic
         loss = pg_loss + vf_coef * vf_loss  # L = L_clip + c_vf * L_vf
+        if cfg.kl_in_loss:  # GRPO: L += beta * mean_t KL_t(pi_theta || pi_ref), on the current policy
+            kl_loss = core.masked_mean(core.kl_estimate(logprobs.float(), ref_logprobs[i], cfg.kl_estimator), mask[i])
+            loss = loss + float(self.kl_ctl.value) * kl_loss
+            stats["ppo/loss/kl"] = kl_loss
         stats.update(
             {
                 "ppo/loss/policy": pg_loss,
@@ -308,7 +322,7 @@ class PPOTrainer:
         )
         return loss, stats
 
-    def _optimize(self, ro, old_logprobs, old_values, advantages, returns, mask) -> dict[str, float]:
+    def _optimize(self, ro, old_logprobs, old_values, advantages, returns, mask, ref_logprobs=None) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled mini-batches of ``mini_batch_size`` episodes, each one
         optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         cfg = self.cfg
@@ -329,7 +343,7 @@ class PPOTrainer:
                 for m_start in range(start, start + mb, micro):
                     i = perm[m_start : m_start + micro].to(ro.input_ids.device)
                     loss, stats = self._micro_batch_loss(
-                        ro, i, old_logprobs, old_values, advantages, returns, mask, critic_only
+                        ro, i, old_logprobs, old_values, advantages, returns, mask, critic_only, ref_logprobs
                     )
                     ratio = float(stats["ppo/policy/ratio_mean"]) if not critic_only else 1.0
                     if not ratio <= float(cfg.ratio_threshold):  # written so that a NaN ratio is skipped too
