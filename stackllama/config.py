@@ -16,6 +16,7 @@ every problem at once, each naming the key, its value and what is valid.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -116,19 +117,16 @@ class TinyModelConfig:
 # ----------------------------------------------------------------------------- artifact keys
 
 
-def not_in_key(meta: dict | None = None, *, input: str | None = None) -> dict:
+def not_in_key(meta: dict | None = None) -> dict:
     """Field metadata: the setting changes how a stage is observed (logs, checkpoints, samples,
     reports, where caches live), not what the stage builds, so ``artifacts.stage_key`` leaves it
-    out. ``input="sft"``: the setting names an upstream artifact by path; the key holds that path
-    in its ``upstream`` part instead (``stackllama.artifacts.key_material``).
+    out of the stage's section. The settings that name an input's model (``PIPELINE``) are
+    declared so too: the key holds their path in its ``upstream`` part instead.
 
     Every other field is in its stage's key: a new setting is keyed unless declared otherwise, so
     forgetting this marks a setting too often rebuilt, never a stale artifact reused.
     """
-    out = {**(meta or {}), "key": False}
-    if input is not None:
-        out["input"] = input
-    return out
+    return {**(meta or {}), "key": False}
 
 
 def in_key(f: Any) -> bool:
@@ -136,6 +134,7 @@ def in_key(f: Any) -> bool:
     return f.metadata.get("key", True)
 
 
+@functools.lru_cache(maxsize=None)
 def unkeyed(schema: type) -> dict[str, Any]:
     """The fields of ``schema`` (a section dataclass) left out of artifact keys, nested ones as
     a dict of their own: ``{"logging_steps": True, "lora": {...}}``."""
@@ -284,7 +283,7 @@ class SFTConfig:
 class RMConfig:
     """Reward modelling (TRL RewardTrainer on vote-ranked pairs)."""
 
-    model_path: Optional[str] = field(default=None, metadata=not_in_key(input="sft"))  # None: the SFT artifact
+    model_path: Optional[str] = field(default=None, metadata=not_in_key())  # None: the SFT artifact
     lora: LoraConfig = field(
         default_factory=lambda: LoraConfig(enabled=True, r=8, alpha=32, dropout=0.1, task_type="SEQ_CLS")
     )  # filled from the lora group too: `lora@rm.lora=none` trains the full model
@@ -329,8 +328,8 @@ class RMConfig:
 class PPOConfig:
     """Our KL-penalized PPO (see stackllama/ppo). Defaults follow the article's run."""
 
-    policy_path: Optional[str] = field(default=None, metadata=not_in_key(input="sft"))  # None: the SFT artifact
-    reward_model_path: Optional[str] = field(default=None, metadata=not_in_key(input="rm"))  # None: the RM artifact
+    policy_path: Optional[str] = field(default=None, metadata=not_in_key())  # None: the SFT artifact
+    reward_model_path: Optional[str] = field(default=None, metadata=not_in_key())  # None: the RM artifact
     # PPO steps: each samples batch_size episodes and trains on them, so a run is steps x batch_size
     # episodes. The article's TRL PPOConfig(steps=20000) counted episodes (its loop ran
     # ceil(20000 / 32) = 625 batches), hence 625 here.

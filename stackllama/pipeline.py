@@ -1,6 +1,6 @@
 """The recipe as a declared graph: each stage's inputs, and one resolver that provides them.
 
-``INPUTS[stage]`` (``config.PIPELINE``) maps each input of a stage (the artifact of the stage of
+``PIPELINE[stage]`` (``config.PIPELINE``) maps each input of a stage (the artifact of the stage of
 that name) to the setting that may name a finished model instead (an explicit path replaces the artifact, and
 then nothing upstream of it is built for that input)::
 
@@ -34,15 +34,13 @@ from stackllama.config import PIPELINE
 
 log = logging.getLogger(__name__)
 
-INPUTS = PIPELINE  # declared in stackllama/config.py, beside the settings it names
-
 # (stage, folder, manifest, reused, seconds) after each artifact is found or built
 OnReady = Callable[[str, Path, dict, bool, float], None]
 
 
 def given(stage: str, name: str, cfg: Any) -> Optional[str]:
     """The path the config names for input ``name`` of ``stage`` (unchecked), or None."""
-    setting = INPUTS[stage][name]
+    setting = PIPELINE[stage][name]
     value = OmegaConf.select(cfg, setting) if setting else None
     return str(value) if value else None
 
@@ -52,7 +50,7 @@ def explicit(stage: str, name: str, cfg: Any) -> Optional[Path]:
     value = given(stage, name, cfg)
     if value is None:
         return None
-    setting = INPUTS[stage][name]
+    setting = PIPELINE[stage][name]
     path = Path(os.path.expanduser(str(value)))
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{setting}={value}: {path} holds no config.json (not a model folder)")
@@ -64,7 +62,7 @@ def plan(stage: str, cfg: Any) -> list[str]:
     order: list[str] = []
 
     def visit(node: str) -> None:
-        for name in INPUTS[node]:
+        for name in PIPELINE[node]:
             if given(node, name, cfg) is None and name not in order:
                 visit(name)
                 order.append(name)
@@ -78,7 +76,7 @@ def given_paths(stage: str, cfg: Any) -> dict[str, str]:
     those of the artifacts it would build); the others are replaced by an explicit path upstream."""
     out = {}
     for node in (stage, *plan(stage, cfg)):
-        for name, setting in INPUTS[node].items():
+        for name, setting in PIPELINE[node].items():
             value = given(node, name, cfg)
             if value is not None and setting is not None:
                 out[setting] = value
@@ -93,8 +91,11 @@ def builder(stage: str, inputs: dict[str, Path]) -> artifacts.BuildFn:
     return lambda cfg, ctx, work_dir, out_dir: build(cfg, ctx, inputs, work_dir, out_dir)
 
 
-def inputs_of(stage: str, cfg: Any, ready: dict[str, Path]) -> dict[str, Path]:
-    return {name: explicit(stage, name, cfg) or ready[name] for name in INPUTS[stage]}
+def inputs_of(
+    stage: str, given_models: dict[tuple[str, str], Optional[Path]], ready: dict[str, Path]
+) -> dict[str, Path]:
+    """``stage``'s inputs: the explicit model where one is given, else the artifact built for it."""
+    return {name: given_models[(stage, name)] or ready[name] for name in PIPELINE[stage]}
 
 
 def resolve(stage: str, cfg: Any, ctx: Any, on_ready: Optional[OnReady] = None) -> dict[str, Path]:
@@ -102,18 +103,19 @@ def resolve(stage: str, cfg: Any, ctx: Any, on_ready: Optional[OnReady] = None) 
 
     Records ``upstream/<name>/path`` and ``upstream/<name>/reused`` (and ``/explicit``) for each.
     """
-    for node in (stage, *plan(stage, cfg)):  # every explicit path checked before anything is built
-        for name in INPUTS[node]:
-            explicit(node, name, cfg)
+    order = plan(stage, cfg)
+    # every explicit path checked before anything is built
+    given_models = {(node, name): explicit(node, name, cfg) for node in (stage, *order) for name in PIPELINE[node]}
     ready: dict[str, Path] = {}
-    for name in plan(stage, cfg):
+    for name in order:
         started = time.time()
-        folder, manifest, reused = artifacts.ensure(name, cfg, ctx, builder(name, inputs_of(name, cfg, ready)))
+        build = builder(name, inputs_of(name, given_models, ready))
+        folder, manifest, reused = artifacts.ensure(name, cfg, ctx, build)
         ready[name] = folder
         ctx.metrics.update({f"upstream/{name}/path": str(folder), f"upstream/{name}/reused": reused})
         if on_ready is not None:
             on_ready(name, folder, manifest, reused, time.time() - started)
-    inputs = inputs_of(stage, cfg, ready)
+    inputs = inputs_of(stage, given_models, ready)
     for name, path in inputs.items():
         if name not in ready:
             log.info("%s: %s is the explicit model %s", stage, name, path)
@@ -135,4 +137,4 @@ def run_stage(stage: str, cfg: Any, ctx: Any) -> tuple[Path, dict[str, Any]]:
     return folder, metrics
 
 
-__all__ = ["INPUTS", "given", "explicit", "given_paths", "plan", "builder", "inputs_of", "resolve", "run_stage"]
+__all__ = ["given", "explicit", "given_paths", "plan", "builder", "inputs_of", "resolve", "run_stage"]

@@ -253,9 +253,10 @@ def _unkeyed_overrides() -> list[tuple[str, str]]:
     import dataclasses
     import typing
 
-    from stackllama.config import Config, in_key
+    from stackllama.config import PIPELINE, Config, in_key
 
     defaults = Config()
+    input_settings = {setting for inputs in PIPELINE.values() for setting in inputs.values() if setting}
     out = []
 
     def walk(schema: type, obj: object, prefix: str) -> None:
@@ -266,7 +267,7 @@ def _unkeyed_overrides() -> list[tuple[str, str]]:
                 if dataclasses.is_dataclass(hints[f.name]):
                     walk(hints[f.name], value, f"{prefix}{f.name}.")
                 continue
-            if "input" in f.metadata:
+            if f"{prefix}{f.name}" in input_settings:
                 continue
             if isinstance(value, bool):
                 new = str(not value).lower()

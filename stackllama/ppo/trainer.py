@@ -272,7 +272,7 @@ class PPOTrainer:
         returns,
         mask,
         critic_only: bool,
-        ref_logprobs=None,
+        ref_logprobs,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of episodes ``i`` (m of them): L = L_clip + vf_coef * L_vf, or vf_coef * L_vf alone in
         critic warm-up (then the backbone runs without grad: only the value head learns)."""
@@ -322,7 +322,7 @@ class PPOTrainer:
         )
         return loss, stats
 
-    def _optimize(self, ro, old_logprobs, old_values, advantages, returns, mask, ref_logprobs=None) -> dict[str, float]:
+    def _optimize(self, ro, old_logprobs, old_values, advantages, returns, mask, ref_logprobs) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled mini-batches of ``mini_batch_size`` episodes, each one
         optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         cfg = self.cfg

@@ -84,23 +84,14 @@ def evaluate_sft(
 ) -> dict[str, float]:
     """``run`` on the SFT model for ``eval.best_of_n``, scored by the reward model as PPO scores."""
     from stackllama import precision
-    from stackllama.reward import RewardScorer
-    from stackllama.stages.eval import encode_queries, load_lm, sampling_settings
+    from stackllama.stages.eval import encode_queries, load_lm, reward_scorer, sampling_settings
 
     ev = cfg.eval
     model, tok = load_lm(sft_path, cfg, ctx.device)
     qs, query_ids, _ = encode_queries(
         questions, cfg.data.prompt_template, tok, int(cfg.ppo.max_prompt_length), int(ev.num_questions)
     )
-    scorer = RewardScorer.from_pretrained(
-        rm_path,
-        device=ctx.device,
-        batch_size=int(cfg.ppo.reward_batch_size),
-        max_length=int(cfg.rm.max_length),
-        template=cfg.data.prompt_template,
-        quant_cfg=cfg.quantization,
-        mixed_precision=precision.run_mode(cfg),
-    )
+    scorer = reward_scorer(cfg, rm_path, ctx.device)
     with precision.autocast(precision.run_mode(cfg), ctx.device):
         return run(
             model,

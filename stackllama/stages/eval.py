@@ -382,13 +382,11 @@ def compare(
     return metrics, records
 
 
-def score_both(
-    cfg: Any, rm_path: Path, device: Any, questions: Sequence[str], ppo_texts: list[str], sft_texts: list[str]
-) -> tuple[list[float], list[float]]:
-    """The reward model's scores of both sides' responses, as PPO scores (``rm.max_length``, precision)."""
+def reward_scorer(cfg: Any, rm_path: Path, device: Any) -> Any:
+    """The reward model as PPO scores with it (``ppo.reward_batch_size``, ``rm.max_length``, precision)."""
     from stackllama.reward import RewardScorer
 
-    scorer = RewardScorer.from_pretrained(
+    return RewardScorer.from_pretrained(
         rm_path,
         device=device,
         batch_size=int(cfg.ppo.reward_batch_size),
@@ -397,6 +395,13 @@ def score_both(
         quant_cfg=cfg.quantization,
         mixed_precision=precision.run_mode(cfg),
     )
+
+
+def score_both(
+    cfg: Any, rm_path: Path, device: Any, questions: Sequence[str], ppo_texts: list[str], sft_texts: list[str]
+) -> tuple[list[float], list[float]]:
+    """The reward model's scores of both sides' responses."""
+    scorer = reward_scorer(cfg, rm_path, device)
     reward_ppo, reward_sft = scorer.score(questions, ppo_texts).tolist(), scorer.score(questions, sft_texts).tolist()
     del scorer
     _release_memory()
