@@ -1,7 +1,7 @@
 """Wall time of the whole recipe from nothing: ``python -m stackllama stage=all logger=none``.
 
     python bench/bench_pipeline.py                 # the embedded default (~15 min on 2 cores)
-    python bench/bench_pipeline.py ppo.steps=2     # extra Hydra overrides (smoke test)
+    python bench/bench_pipeline.py ppo.total_episodes=64    # extra Hydra overrides (smoke test)
 
 Runs the CLI in a subprocess with a fresh ``artifacts_dir`` and a fresh, empty
 ``STACKLLAMA_CACHE`` (so the base model is resolved and converted again, as on a new

@@ -143,7 +143,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
     overrides = [
         f"model={spec['model']}",
         "lora=default" if finetune == "lora" else "lora=none",
-        f"ppo.steps={spec['steps']}",
+        f"ppo.total_episodes={B * spec['steps']}",
         f"ppo.batch_size={B}",
         f"ppo.mini_batch_size={B // spec['mini_batches']}",
         f"ppo.ppo_epochs={spec['ppo_epochs']}",
@@ -229,7 +229,7 @@ def profile_step(trainer) -> dict:
     """One more of our steps under torch.profiler: the top operators and each phase's share."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    trainer.cfg.steps = trainer.step_idx + 1
+    trainer.cfg.total_episodes = (trainer.step_idx + 1) * trainer.cfg.batch_size
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         with record_function("ppo_step"):
             stats = trainer.step()

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stackllama.memory import rss_now_mb  # one reading of VmRSS, shared with the package
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
@@ -33,20 +35,6 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------- memory
-def rss_now_mb() -> float:
-    """Current resident set size of this process (MiB), from /proc (Linux) or psutil."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import psutil  # pragma: no cover - non-Linux
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
 def rss_breakdown_mb() -> dict[str, float]:
     """VmRSS, RssAnon (heap, tensors) and RssFile (mapped files, e.g. a safetensors file) in MiB."""
     out = {}

@@ -31,6 +31,7 @@ from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
 from stackllama import distributed
+from stackllama.memory import PeakMemory
 from stackllama.metrics import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def _section(cfg: Any, name: str) -> Any:
 
 
 # The config sections each artifact's key holds besides model, data, quantization, seed and precision.
-SECTIONS = {"sft": ("lora", "sft"), "rm": ("rm",), "ppo": ("lora", "ppo")}
+SECTIONS = {"sft": ("lora", "sft"), "rm": ("rm",), "ppo": ("lora", "ppo"), "dpo": ("lora", "dpo")}
 
 
 def key_material(stage: str, cfg: Any) -> dict[str, Any]:
@@ -229,7 +230,8 @@ def ensure(stage: str, cfg: Any, ctx: Any, build: BuildFn) -> tuple[Path, dict[s
         from transformers import set_seed
 
         set_seed(int(cfg.seed))  # every build starts from the seed (inputs are resolved before, never nested)
-        metrics = build(cfg, ctx, work, out)
+        with PeakMemory() as peak:  # the build's peak RSS (and CUDA memory), kept beside build_seconds
+            metrics = build(cfg, ctx, work, out)
 
         def publish() -> dict[str, Any]:  # rank 0 (or the only process)
             check_finite_weights(tmp, stage)  # a diverged model is never published
@@ -239,6 +241,7 @@ def ensure(stage: str, cfg: Any, ctx: Any, build: BuildFn) -> tuple[Path, dict[s
                 "config": key_material(stage, cfg),
                 "metrics": metrics,
                 "build_seconds": round(time.time() - started, 2),
+                "memory": peak.metrics(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "run_dir": str(ctx.run_dir),
                 "world_size": dist.world_size,

@@ -25,7 +25,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STAGES = ("sft", "rm", "ppo", "eval", "all")
+STAGES = ("sft", "rm", "ppo", "dpo", "eval", "all")
 
 # The pipeline graph, in one place: stage -> {input: the setting that may name that input's model
 # instead of its artifact (None: always the artifact)}. Each input is the artifact of the stage of
@@ -34,8 +34,11 @@ PIPELINE: dict[str, dict[str, Optional[str]]] = {
     "sft": {},
     "rm": {"sft": "rm.model_path"},
     "ppo": {"sft": "ppo.policy_path", "rm": "ppo.reward_model_path"},
-    "eval": {"ppo": None, "sft": "ppo.policy_path", "rm": "ppo.reward_model_path"},
+    "dpo": {"sft": "dpo.policy_path"},
+    # "policy": the stage named by eval.policy (ppo | dpo), the model under test
+    "eval": {"policy": "eval.policy_path", "sft": "ppo.policy_path", "rm": "ppo.reward_model_path"},
 }
+POLICY_STAGES = ("ppo", "dpo")  # what eval.policy may name
 
 
 # ----------------------------------------------------------------------------- valid ranges
@@ -330,16 +333,18 @@ class PPOConfig:
 
     policy_path: Optional[str] = field(default=None, metadata=not_in_key())  # None: the SFT artifact
     reward_model_path: Optional[str] = field(default=None, metadata=not_in_key())  # None: the RM artifact
-    # PPO steps: each samples batch_size episodes and trains on them, so a run is steps x batch_size
-    # episodes. The article's TRL PPOConfig(steps=20000) counted episodes (its loop ran
-    # ceil(20000 / 32) = 625 batches), hence 625 here.
-    steps: int = field(default=625, metadata=at_least(1))
-    batch_size: int = field(default=32, metadata=at_least(1))  # episodes per step (article: 32 per process)
-    # Episodes per optimizer step; each step's gradient is accumulated over gradient_accumulation_steps
-    # forward/backward passes of mini_batch_size / gradient_accumulation_steps episodes each (TRL's
-    # mini_batch_size is per forward pass instead; set gradient_accumulation_steps=1 to match it).
+    # Sizes, named as lm-human-preference-details names them (TRL's own names changed meaning
+    # between versions: its old PPOConfig.steps counted episodes, its mini_batch_size forward passes).
+    # Episodes in the whole run: it runs ceil(total_episodes / batch_size) PPO steps, each sampling
+    # batch_size episodes and training on them. The article's PPOConfig(steps=20000) is 20000
+    # episodes, 625 steps of 32 (`experiment=article`).
+    total_episodes: int = field(default=20000, metadata=at_least(1))
+    batch_size: int = field(default=32, metadata=at_least(1))  # episodes per PPO step (article: 32 per process)
+    # Episodes per optimizer step (ppo_epochs x batch_size / mini_batch_size optimizer steps a PPO step).
     mini_batch_size: int = field(default=4, metadata=at_least(1))
-    gradient_accumulation_steps: int = field(default=1, metadata=at_least(1))
+    # Episodes per forward/backward pass: each optimizer step accumulates the gradient of
+    # mini_batch_size / micro_batch_size passes (memory, not the update, changes). None: mini_batch_size.
+    micro_batch_size: Optional[int] = field(default=None, metadata=at_least(1))
     ppo_epochs: int = field(default=4, metadata=at_least(1))
     learning_rate: float = field(default=1.4e-5, metadata=positive())
     max_grad_norm: float = field(default=1.0, metadata=positive())
@@ -430,6 +435,12 @@ class PPOConfig:
     malloc_mmap_threshold_mb: Optional[int] = field(default=None, metadata=at_least(0))
     # auto | no | bf16 | fp16 for this stage's rollouts and passes; None: the run-wide mixed_precision
     mixed_precision: Optional[str] = None
+    # Curves along training (Gao et al. 2022's proxy and gold score against KL): before the first
+    # step, every eval_every steps and after the last, the policy answers the evaluation's fixed
+    # held-out questions (eval.num_questions, eval.max_new_tokens tokens, the same sampling seed each
+    # time) and heldout.jsonl records their RM score, gold score and KL to the reference. The
+    # samples use their own RNG stream: training is unchanged. 0: off.
+    eval_every: int = field(default=0, metadata=not_in_key(non_negative(hint="0: off")))
     # Bookkeeping
     log_every: int = field(default=1, metadata=not_in_key(non_negative(hint="0 logs every step, as 1")))
     sample_every: int = field(default=10, metadata=not_in_key(non_negative(hint="0: never")))
@@ -439,9 +450,42 @@ class PPOConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Compare the PPO policy against its SFT reference on held-out questions."""
+class DPOConfig:
+    """Direct preference optimization (Rafailov et al. 2023) with TRL's DPOTrainer: the SFT model
+    trained on the reward split's pairs against itself (the reference: the adapters disabled),
+    with no reward model and no sampling. Defaults follow TRL's StackLlama-2 DPO script."""
 
+    # The SFT model DPO starts from and measures its KL against. None: the SFT artifact; by default
+    # the same model as ppo.policy_path, so the methods compare on one SFT model.
+    policy_path: Optional[str] = field(default="${ppo.policy_path}", metadata=not_in_key())
+    # beta: the strength of the implicit KL to the reference (the loss is
+    # -log sigmoid(beta * [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)]))
+    beta: float = field(default=0.1, metadata=positive())
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge (TRL's loss_type)
+    learning_rate: float = field(default=5e-4, metadata=positive())
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = field(default=100, metadata=non_negative())
+    weight_decay: float = field(default=0.05, metadata=non_negative())
+    batch_size: int = field(default=4, metadata=at_least(1))  # pairs per forward/backward
+    gradient_accumulation_steps: int = field(default=4, metadata=at_least(1))
+    max_steps: int = field(default=1000, metadata=at_least(1))
+    max_length: int = field(default=1024, metadata=at_least(2))  # prompt + answer tokens; longer pairs dropped, counted
+    # Train on pairs whose pm_scores differ by at least this much (as rm.min_pm_margin for the RM)
+    min_pm_margin: int = field(default=1, metadata=at_least(1))
+    max_train_pairs: Optional[int] = field(default=None, metadata=at_least(1))  # cap (quick runs)
+    max_eval_pairs: int = field(default=64, metadata=not_in_key(non_negative()))  # held-out pairs for eval/...
+    gradient_checkpointing: bool = False
+    logging_steps: int = field(default=10, metadata=not_in_key(at_least(1)))
+
+
+@dataclass
+class EvalConfig:
+    """Compare the policy under test (eval.policy: PPO or DPO) against its SFT reference on held-out questions."""
+
+    # The policy under test: the artifact of this stage (ppo | dpo), built from the same SFT and
+    # judged by the same reward model; policy_path names a finished model instead.
+    policy: str = "ppo"
+    policy_path: Optional[str] = field(default=None, metadata=not_in_key())
     num_questions: int = field(default=64, metadata=at_least(1))
     max_new_tokens: int = field(default=64, metadata=at_least(1))
     batch_size: int = field(default=16, metadata=at_least(1))
@@ -475,6 +519,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = field(default=0, metadata=in_range(0, 2**32 - 1))
@@ -506,42 +551,11 @@ CHOICES = {
     "ppo.kl_estimator": ("k1", "k2", "k3", "abs"),
     "ppo.score_normalize": ("none", "sft", "running"),
     "ppo.advantage": ("gae", "rloo", "grpo"),
+    "dpo.loss_type": ("sigmoid", "ipo", "hinge"),
+    "eval.policy": POLICY_STAGES,
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": MIXED_PRECISION,
 }
-
-
-def validate_choices(cfg: Any) -> None:
-    """Fail early, naming the key and the valid values, for string-enum fields."""
-    from omegaconf import OmegaConf
-
-    for key, valid in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in valid:
-            raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
-    fracs = cfg.data.splits
-    total = fracs.finetune + fracs.reward + fracs.rl + fracs.evaluation
-    if abs(total - 1.0) > 1e-6 or min(fracs.finetune, fracs.reward, fracs.rl, fracs.evaluation) < 0:
-        raise ValueError(f"data.splits must be non-negative and sum to 1, got {total:.4f}")
-    if cfg.ppo.min_new_tokens >= cfg.ppo.max_new_tokens:
-        raise ValueError("ppo.min_new_tokens must be < ppo.max_new_tokens (the range is [min, max))")
-    if cfg.ppo.batch_size % cfg.ppo.mini_batch_size:
-        raise ValueError("ppo.batch_size must be a multiple of ppo.mini_batch_size")
-    if any(int(n) < 1 for n in cfg.eval.best_of_n):
-        raise ValueError(f"eval.best_of_n={list(cfg.eval.best_of_n)}: every n must be >= 1")
-    if cfg.ppo.batch_size % cfg.ppo.samples_per_prompt:
-        raise ValueError("ppo.batch_size must be a multiple of ppo.samples_per_prompt")
-    if cfg.ppo.advantage != "gae" and cfg.ppo.samples_per_prompt < 2:
-        raise ValueError(
-            f"ppo.advantage={cfg.ppo.advantage} compares the responses to one prompt: set ppo.samples_per_prompt >= 2"
-        )
-    if cfg.ppo.mixed_precision not in (None, *MIXED_PRECISION):
-        raise ValueError(
-            f"ppo.mixed_precision={cfg.ppo.mixed_precision!r} is not valid; choose one of: "
-            f"null (the run-wide mixed_precision), {', '.join(MIXED_PRECISION)}"
-        )
-    if cfg.ppo.head_chunk_size < 1:
-        raise ValueError(f"ppo.head_chunk_size must be >= 1, got {cfg.ppo.head_chunk_size}")
 
 
 class ConfigError(ValueError):
@@ -620,15 +634,28 @@ def _cross_field_problems(cfg: Any, bad: set[str]) -> list[str]:
         problems.append(
             f"ppo.batch_size={ppo.batch_size} must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}"
         )
-    if (
-        ok("ppo.mini_batch_size", "ppo.gradient_accumulation_steps")
-        and ppo.mini_batch_size % ppo.gradient_accumulation_steps
-    ):
+    micro = ppo.micro_batch_size
+    if ok("ppo.mini_batch_size", "ppo.micro_batch_size") and micro is not None and ppo.mini_batch_size % micro:
         problems.append(
-            f"ppo.mini_batch_size={ppo.mini_batch_size} must be a multiple of "
-            f"ppo.gradient_accumulation_steps={ppo.gradient_accumulation_steps} "
-            "(each mini-batch is split into that many micro-batches)"
+            f"ppo.mini_batch_size={ppo.mini_batch_size} must be a multiple of ppo.micro_batch_size={micro} "
+            "(an optimizer step accumulates mini_batch_size / micro_batch_size forward/backward passes)"
         )
+    if ok("ppo.batch_size", "ppo.samples_per_prompt") and ppo.batch_size % ppo.samples_per_prompt:
+        problems.append(
+            f"ppo.batch_size={ppo.batch_size} must be a multiple of ppo.samples_per_prompt={ppo.samples_per_prompt} "
+            "(a step samples batch_size / samples_per_prompt prompts)"
+        )
+    if ok("ppo.advantage", "ppo.samples_per_prompt") and ppo.advantage != "gae" and ppo.samples_per_prompt < 2:
+        problems.append(
+            f"ppo.advantage={ppo.advantage} compares the responses to one prompt: set ppo.samples_per_prompt >= 2"
+        )
+    if ok("ppo.mixed_precision") and ppo.mixed_precision not in (None, *MIXED_PRECISION):
+        problems.append(
+            f"ppo.mixed_precision={ppo.mixed_precision!r} is not valid; choose one of: "
+            f"null (the run-wide mixed_precision), {', '.join(MIXED_PRECISION)}"
+        )
+    if ok("eval.best_of_n") and any(int(n) < 1 for n in cfg.eval.best_of_n):
+        problems.append(f"eval.best_of_n={list(cfg.eval.best_of_n)}: every n must be >= 1")
     syn = cfg.data.synthetic
     if ok("data.synthetic.min_answers", "data.synthetic.max_answers") and syn.min_answers > syn.max_answers:
         problems.append(
@@ -679,7 +706,6 @@ def validate(cfg: Any) -> None:
     problems += _cross_field_problems(cfg, bad)
     if problems:
         raise ConfigError(problems)
-    validate_choices(cfg)  # the older checks (all pass here unless a rule of theirs is not mirrored above)
 
 
 def register_configs() -> None:

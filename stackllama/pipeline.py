@@ -7,7 +7,8 @@ then nothing upstream of it is built for that input)::
     sft  <- (nothing)
     rm   <- sft (rm.model_path)
     ppo  <- sft (ppo.policy_path), rm (ppo.reward_model_path)
-    eval <- ppo, sft (ppo.policy_path), rm (ppo.reward_model_path)
+    dpo  <- sft (dpo.policy_path, by default ppo.policy_path)
+    eval <- ppo or dpo (eval.policy; eval.policy_path), sft (ppo.policy_path), rm (ppo.reward_model_path)
 
 ``resolve(stage, cfg, ctx)`` works out which upstream artifacts are needed (``plan``), finds or
 builds each in order through the artifact store, and returns the stage's inputs as paths. Every
@@ -30,7 +31,7 @@ from typing import Any, Callable, Optional
 from omegaconf import OmegaConf
 
 from stackllama import artifacts
-from stackllama.config import PIPELINE
+from stackllama.config import PIPELINE, POLICY_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,20 @@ log = logging.getLogger(__name__)
 OnReady = Callable[[str, Path, dict, bool, float], None]
 
 
+def edges(stage: str, cfg: Any) -> dict[str, Optional[str]]:
+    """``PIPELINE[stage]`` with eval's ``policy`` input named for the stage ``eval.policy`` picks."""
+    out = dict(PIPELINE[stage])
+    if "policy" in out:
+        policy = str(cfg.eval.policy)
+        if policy not in POLICY_STAGES:
+            raise ValueError(f"eval.policy={policy!r} is not valid; choose one of: {', '.join(POLICY_STAGES)}")
+        out = {policy: out.pop("policy"), **out}
+    return out
+
+
 def given(stage: str, name: str, cfg: Any) -> Optional[str]:
     """The path the config names for input ``name`` of ``stage`` (unchecked), or None."""
-    setting = PIPELINE[stage][name]
+    setting = edges(stage, cfg)[name]
     value = OmegaConf.select(cfg, setting) if setting else None
     return str(value) if value else None
 
@@ -50,7 +62,7 @@ def explicit(stage: str, name: str, cfg: Any) -> Optional[Path]:
     value = given(stage, name, cfg)
     if value is None:
         return None
-    setting = PIPELINE[stage][name]
+    setting = edges(stage, cfg)[name]
     path = Path(os.path.expanduser(str(value)))
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{setting}={value}: {path} holds no config.json (not a model folder)")
@@ -62,7 +74,7 @@ def plan(stage: str, cfg: Any) -> list[str]:
     order: list[str] = []
 
     def visit(node: str) -> None:
-        for name in PIPELINE[node]:
+        for name in edges(node, cfg):
             if given(node, name, cfg) is None and name not in order:
                 visit(name)
                 order.append(name)
@@ -76,7 +88,7 @@ def given_paths(stage: str, cfg: Any) -> dict[str, str]:
     those of the artifacts it would build); the others are replaced by an explicit path upstream."""
     out = {}
     for node in (stage, *plan(stage, cfg)):
-        for name, setting in PIPELINE[node].items():
+        for name, setting in edges(node, cfg).items():
             value = given(node, name, cfg)
             if value is not None and setting is not None:
                 out[setting] = value
@@ -92,10 +104,10 @@ def builder(stage: str, inputs: dict[str, Path]) -> artifacts.BuildFn:
 
 
 def inputs_of(
-    stage: str, given_models: dict[tuple[str, str], Optional[Path]], ready: dict[str, Path]
+    stage: str, cfg: Any, given_models: dict[tuple[str, str], Optional[Path]], ready: dict[str, Path]
 ) -> dict[str, Path]:
     """``stage``'s inputs: the explicit model where one is given, else the artifact built for it."""
-    return {name: given_models[(stage, name)] or ready[name] for name in PIPELINE[stage]}
+    return {name: given_models[(stage, name)] or ready[name] for name in edges(stage, cfg)}
 
 
 def resolve(stage: str, cfg: Any, ctx: Any, on_ready: Optional[OnReady] = None) -> dict[str, Path]:
@@ -105,17 +117,17 @@ def resolve(stage: str, cfg: Any, ctx: Any, on_ready: Optional[OnReady] = None) 
     """
     order = plan(stage, cfg)
     # every explicit path checked before anything is built
-    given_models = {(node, name): explicit(node, name, cfg) for node in (stage, *order) for name in PIPELINE[node]}
+    given_models = {(node, name): explicit(node, name, cfg) for node in (stage, *order) for name in edges(node, cfg)}
     ready: dict[str, Path] = {}
     for name in order:
         started = time.time()
-        build = builder(name, inputs_of(name, given_models, ready))
+        build = builder(name, inputs_of(name, cfg, given_models, ready))
         folder, manifest, reused = artifacts.ensure(name, cfg, ctx, build)
         ready[name] = folder
         ctx.metrics.update({f"upstream/{name}/path": str(folder), f"upstream/{name}/reused": reused})
         if on_ready is not None:
             on_ready(name, folder, manifest, reused, time.time() - started)
-    inputs = inputs_of(stage, given_models, ready)
+    inputs = inputs_of(stage, cfg, given_models, ready)
     for name, path in inputs.items():
         if name not in ready:
             log.info("%s: %s is the explicit model %s", stage, name, path)
@@ -137,4 +149,4 @@ def run_stage(stage: str, cfg: Any, ctx: Any) -> tuple[Path, dict[str, Any]]:
     return folder, metrics
 
 
-__all__ = ["given", "explicit", "given_paths", "plan", "builder", "inputs_of", "resolve", "run_stage"]
+__all__ = ["edges", "given", "explicit", "given_paths", "plan", "builder", "inputs_of", "resolve", "run_stage"]

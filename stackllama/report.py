@@ -38,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from stackllama import report_methods
+
 HEADLINE = [
     "run/status",
     "run/objective",
@@ -443,6 +445,13 @@ def write_summary(sweep_dir: Path) -> dict[str, Path]:
     if curves is not None:
         out["curves"] = curves
         text += "\n![PPO along training](ppo_curves.png)\n"
+    methods = report_methods.methods_table(rows)
+    if methods:
+        text += "\n" + methods
+        figure = report_methods.plot_methods_kl(rows, sweep_dir / "methods_kl.png")
+        if figure is not None:
+            out["methods"] = figure
+            text += "\n![Proxy and gold score against sqrt(KL)](methods_kl.png)\n"
     out["markdown"].write_text(text)
     everything = columns + sorted({k for r in rows for k in r} - set(columns))
     with open(out["csv"], "w", newline="") as fh:

@@ -484,7 +484,7 @@ def test_rm_and_ppo_run_data_parallel_in_two_processes(tmp_path):
     proc = cli(
         work,
         "hydra.run.dir=ppo",
-        base=["stage=ppo", "ppo.steps=3", "ppo.kl_coef=0.1", "ppo.save_every=2"],
+        base=["stage=ppo", "ppo.total_episodes=12", "ppo.kl_coef=0.1", "ppo.save_every=2"],
         launcher=launcher,
     )
     assert "reusing" in (proc.stdout + proc.stderr).lower()  # SFT and RM from the runs above

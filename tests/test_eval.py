@@ -45,7 +45,7 @@ TINY = [
     "rm.max_length=128",
     "rm.max_steps=4",
     "rm.max_eval_pairs=8",
-    "ppo.steps=2",
+    "ppo.total_episodes=8",
     "ppo.batch_size=4",
     "ppo.mini_batch_size=2",
     "ppo.min_new_tokens=4",
@@ -54,6 +54,12 @@ TINY = [
     "eval.max_new_tokens=8",
     "eval.batch_size=3",
     "eval.num_samples_in_report=2",
+    "dpo.max_steps=3",
+    "dpo.batch_size=2",
+    "dpo.gradient_accumulation_steps=1",
+    "dpo.max_length=128",
+    "dpo.warmup_steps=0",
+    "dpo.max_eval_pairs=8",
 ]
 
 
@@ -340,7 +346,8 @@ def test_stage_eval_with_given_models(tmp_path):
     ppo_dir = Path(m["upstream/ppo/path"])
     assert (ppo_dir / "manifest.json").exists() and (ppo_dir / "history.jsonl").exists()
     run_dir = tmp_path / "run"
-    assert (run_dir / "report.md").exists() and len(list((run_dir / "figures").glob("*.png"))) == 3
+    assert (run_dir / "report.md").exists() and len(list((run_dir / "figures").glob("*.png"))) == 4
+    assert (run_dir / "figures" / "kl_frontier.png").exists()  # best-of-n against sqrt(KL)
     assert len((run_dir / "eval_samples.jsonl").read_text().splitlines()) == m["eval/num_questions"]
     assert any("eval/win_rate_vs_sft" in v for v in tracker.logged)
 
@@ -422,6 +429,20 @@ def test_all_end_to_end_then_ppo_reuses_sft_and_rm(tmp_path):
     assert "Building" not in log3
     for key in EVAL_KEYS + GOLD_KEYS:
         assert m3[key] == m[key], key  # same artifacts, same seeds: the same figures
+
+    # 4. DPO on the same SFT model: stage=dpo builds its artifact, stage=eval eval.policy=dpo finds
+    # it and judges it with the same RM, its figures named for DPO
+    m4, _ = _cli(["stage=dpo", *common], tmp_path / "run_dpo")
+    assert m4["upstream/sft/reused"] is True and m4["artifact/reused"] is False
+    assert m4["data/dpo_train_pairs"] > 0 and math.isfinite(m4["train/loss"])
+    m5, log5 = _cli(["stage=eval", "eval.policy=dpo", *common], tmp_path / "run_eval_dpo")
+    assert m5["upstream/dpo/reused"] is True and m5["upstream/dpo/path"] == m4["artifact/path"]
+    assert m5["upstream/rm/path"] == str(rm_dir) and "upstream/ppo/path" not in m5
+    assert "Building" not in log5
+    for key in EVAL_KEYS + GOLD_KEYS:
+        assert key.replace("_ppo", "_dpo") in m5, key
+    assert not [k for k in m5 if k.startswith("eval/") and "ppo" in k]
+    assert "DPO policy vs SFT reference" in (tmp_path / "run_eval_dpo" / "report.md").read_text()
 
 
 def test_eval_samples_and_measures_kl_as_ppo_is_configured():

@@ -145,7 +145,7 @@ def test_large_kl_coef_keeps_policy_at_reference(tmp_path):
     on fixed text, since 8 sampled episodes give a noisy estimate. The tied run has no value
     loss: its returns are ~-1000 x KL, and fitting them through the shared backbone moves the
     policy by itself (the embedded default's normalized scores and beta 0.1 keep returns ~1)."""
-    common = ["lora=default", "ppo.steps=10", "ppo.learning_rate=2e-3"]
+    common = ["lora=default", "ppo.total_episodes=80", "ppo.learning_rate=2e-3"]
     free = _trainer(_cfg(*common, "ppo.kl_coef=0.0"), tmp_path / "free")
     free.train()
     tied = _trainer(_cfg(*common, "ppo.kl_coef=1000.0", "ppo.vf_coef=0.0"), tmp_path / "tied")
@@ -160,7 +160,7 @@ def test_kl_in_the_loss_keeps_the_policy_near_the_reference(tmp_path):
     """ppo.kl_in_loss (GRPO's form): the rewards hold the score alone and the loss carries
     beta * KL(pi || pi_ref) (k3); with a large beta the policy stays near the reference where the
     same run without a penalty drifts."""
-    common = ["lora=default", "ppo.steps=10", "ppo.learning_rate=2e-3"]
+    common = ["lora=default", "ppo.total_episodes=80", "ppo.learning_rate=2e-3"]
     free = _trainer(_cfg(*common, "ppo.kl_coef=0.0"), tmp_path / "free")
     free.train()
     tied = _trainer(
@@ -177,7 +177,12 @@ def test_kl_in_the_loss_keeps_the_policy_near_the_reference(tmp_path):
 
 def test_adaptive_controller_moves_beta(tmp_path):
     cfg = _cfg(
-        "ppo.steps=2", "ppo.kl_coef=null", "ppo.target=0.001", "ppo.horizon=100", "ppo.learning_rate=1e-3", "lora=none"
+        "ppo.total_episodes=16",
+        "ppo.kl_coef=null",
+        "ppo.target=0.001",
+        "ppo.horizon=100",
+        "ppo.learning_rate=1e-3",
+        "lora=none",
     )
     hist = _trainer(cfg, tmp_path).train()
     beta0, beta1 = hist[0]["objective/kl_coef"], hist[1]["objective/kl_coef"]
@@ -191,7 +196,7 @@ def test_bf16_autocast_rounds_the_backbone_but_not_the_log_probs(tmp_path):
     """mixed_precision=bf16: the backbone runs in bf16 (results differ from fp32), the LM head
     and log-softmax do not (float32 log-probs within bf16's error of the fp32 ones), and a
     PPO step trains."""
-    cfg = _cfg("ppo.steps=1", "ppo.learning_rate=1e-3")
+    cfg = _cfg("ppo.total_episodes=8", "ppo.learning_rate=1e-3")
     fp32 = _trainer(cfg, tmp_path / "a")
     bf16 = _trainer(cfg, tmp_path / "b", mixed_precision="bf16")
     idx = list(range(8))
@@ -221,10 +226,10 @@ def test_bf16_autocast_rounds_the_backbone_but_not_the_log_probs(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     """Checkpoint at step 2, resume in a fresh trainer: steps 3-4 equal an uninterrupted run."""
-    cfg4 = _cfg("ppo.steps=4", "ppo.save_every=2", "ppo.learning_rate=1e-3")
+    cfg4 = _cfg("ppo.total_episodes=32", "ppo.save_every=2", "ppo.learning_rate=1e-3")
     straight = _trainer(cfg4, tmp_path / "a").train()
 
-    cfg2 = _cfg("ppo.steps=2", "ppo.save_every=2", "ppo.learning_rate=1e-3")
+    cfg2 = _cfg("ppo.total_episodes=16", "ppo.save_every=2", "ppo.learning_rate=1e-3")
     _trainer(cfg2, tmp_path / "b").train()  # stops after the step-2 checkpoint
     resumed = _trainer(cfg4, tmp_path / "b")
     assert resumed.resume() == 2
@@ -250,7 +255,7 @@ def test_cli_resume_after_kill(tmp_path):
         f"artifacts_dir={tmp_path / 'art'}",
         f"ppo.policy_path={folder}",
         f"ppo.reward_model_path={tiny_reward_folder()}",
-        "ppo.steps=8",
+        "ppo.total_episodes=32",
         "ppo.save_every=2",
         "ppo.batch_size=4",
         "ppo.mini_batch_size=2",

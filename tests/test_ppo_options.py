@@ -82,7 +82,7 @@ def test_ppo_raises_a_programmatic_reward(tmp_path, estimator):
     head's GAE and with each group baseline (4 samples of each of 2 prompts a step)."""
     cfg = _cfg(
         "lora=none",
-        "ppo.steps=30",
+        "ppo.total_episodes=240",
         "ppo.learning_rate=1e-3",
         "ppo.min_new_tokens=1",
         "ppo.max_new_tokens=2",
@@ -225,7 +225,7 @@ def test_score_baseline_and_clip_shape_the_raw_scores(tmp_path):
 
 
 def test_critic_warmup_trains_the_value_head_alone(tmp_path):
-    cfg = _cfg("ppo.critic_warmup_steps=1", "ppo.steps=2", "ppo.learning_rate=1e-3")
+    cfg = _cfg("ppo.critic_warmup_steps=1", "ppo.total_episodes=16", "ppo.learning_rate=1e-3")
 
     def reward(questions, answers):
         return torch.tensor([float(len(a)) for a in answers])
@@ -340,7 +340,7 @@ def test_frozen_prefix_cache_changes_nothing_but_the_work(tmp_path):
         cfg = _cfg(
             "lora=default",
             "lora.top_layers=1",
-            "ppo.steps=2",
+            "ppo.total_episodes=16",
             "ppo.learning_rate=1e-3",
             f"ppo.cache_frozen_prefix={str(cache).lower()}",
         )
@@ -358,9 +358,12 @@ def test_frozen_prefix_cache_changes_nothing_but_the_work(tmp_path):
 
 def test_the_article_experiment_runs_the_article_s_number_of_episodes():
     # The article's TRL PPOConfig(steps=20000, batch_size=32) meant 20000 episodes, i.e. 625 PPO
-    # updates of 32; our ppo.steps counts updates (it once defaulted to 20000, 32x the article).
+    # steps of 32 (our old ppo.steps counted PPO steps and defaulted to 20000, 32x the article).
+    from stackllama.ppo.trainer import num_steps
+
     cfg = compose_cfg(["experiment=article"])
-    assert cfg.ppo.steps * cfg.ppo.batch_size == 20000
+    assert cfg.ppo.total_episodes == 20000 and cfg.ppo.batch_size == 32 and num_steps(cfg.ppo) == 625
+    assert num_steps(compose_cfg(["ppo.total_episodes=33", "ppo.batch_size=32"]).ppo) == 2  # rounded up, as TRL
 
 
 # --------------------------------------------------------------------------- update mechanics
@@ -381,10 +384,10 @@ def _one_step(tmp_path: Path, *overrides: str, steps: int = 1) -> tuple[dict, di
 
 
 def test_gradient_accumulation_splits_a_mini_batch_without_changing_the_update(tmp_path):
-    """ppo.mini_batch_size episodes per optimizer step, whatever gradient_accumulation_steps: with
+    """ppo.mini_batch_size episodes per optimizer step, whatever ppo.micro_batch_size: with
     equal-length responses 2 micro-batches of 2 give the update of one forward over 4."""
-    _, once = _one_step(tmp_path / "a", "ppo.gradient_accumulation_steps=1")
-    _, split = _one_step(tmp_path / "b", "ppo.gradient_accumulation_steps=2")
+    _, once = _one_step(tmp_path / "a", "ppo.micro_batch_size=4")
+    _, split = _one_step(tmp_path / "b", "ppo.micro_batch_size=2")
     _, other = _one_step(tmp_path / "c", "ppo.mini_batch_size=2")  # twice the optimizer steps: another update
 
     def rel(x: dict, y: dict) -> float:  # relative distance over all trained tensors
@@ -416,3 +419,53 @@ def test_a_non_k1_estimator_drives_the_kl_in_the_reward(tmp_path, estimator):
     k1, _ = _one_step(tmp_path / "k1", "ppo.kl_coef=0.1", steps=2)  # step 1 is at the reference: KL 0
     other, _ = _one_step(tmp_path / estimator, "ppo.kl_coef=0.1", f"ppo.kl_estimator={estimator}", steps=2)
     assert other["objective/kl"] >= 0.0 and other["objective/kl"] != pytest.approx(k1["objective/kl"])
+
+
+def test_the_ppo_group_picks_the_rl_method():
+    """``ppo=gae|rloo|grpo`` sets the estimator and what it needs; the experiment's settings stay."""
+    gae, rloo, grpo = (compose_cfg([f"ppo={m}"]).ppo for m in ("gae", "rloo", "grpo"))
+    assert (gae.advantage, gae.samples_per_prompt, gae.kl_in_loss) == ("gae", 1, False)
+    assert (rloo.advantage, rloo.samples_per_prompt, rloo.kl_in_loss) == ("rloo", 4, False)
+    assert (grpo.advantage, grpo.samples_per_prompt, grpo.kl_in_loss, grpo.kl_estimator) == ("grpo", 4, True, "k3")
+    assert gae.total_episodes == rloo.total_episodes == grpo.total_episodes == 320  # the embedded default's
+    # the methods sweep's axis: method=<m> picks the ppo option and the policy stage=eval judges
+    for method, advantage, policy in (("ppo", "gae", "ppo"), ("rloo", "rloo", "ppo"), ("grpo", "grpo", "ppo")):
+        cfg = compose_cfg([f"method={method}"])
+        assert (cfg.ppo.advantage, cfg.eval.policy) == (advantage, policy), method
+    assert compose_cfg(["method=dpo"]).eval.policy == "dpo"
+    assert list(compose_cfg(["method=ppo"]).eval.best_of_n) == [1, 2, 4, 8, 16]
+
+
+# --------------------------------------------------------------------------- curves along training
+
+
+def test_heldout_curve_is_measured_without_changing_training(tmp_path):
+    """ppo.eval_every=1: a point before the first update (the policy is its reference: KL 0) and
+    after each step, with the RM and gold score; training itself is the run without it, figure
+    for figure (the held-out samples draw from their own RNG stream)."""
+    runs = {}
+    for every in (0, 1):
+        cfg = _cfg("lora=default", "ppo.total_episodes=16", "ppo.learning_rate=1e-2", f"ppo.eval_every={every}")
+        policy, tok = _policy(cfg)
+        torch.manual_seed(3)
+        trainer = PPOTrainer(
+            cfg.ppo,
+            policy,
+            tok,
+            _length_reward,
+            PromptSource(QUESTIONS, QUERIES, tok, 64, 0),
+            CPU,
+            0,
+            tmp_path / str(every),
+            gold_scorer=lambda q, a: [float(len(x.split())) for x in a],
+            heldout=PromptSource(QUESTIONS[:6], QUERIES[:6], tok, 64, 0),
+            heldout_tokens=5,
+        )
+        runs[every] = (trainer.train(), trainer.heldout_rows)
+    (plain, none), (curved, rows) = runs[0], runs[1]
+    assert none == [] and [r["step"] for r in rows] == [0.0, 1.0, 2.0]
+    assert rows[0]["kl_mean"] < 1e-5 and rows[-1]["kl_mean"] > 1e-4  # the policy moved off its reference
+    assert all({"reward_mean", "gold_mean", "kl_mean", "reward_stderr"} <= set(r) for r in rows)
+    assert curved[-1]["heldout/kl_mean"] == rows[-1]["kl_mean"]
+    for a, b in zip(plain, curved):
+        assert a["env/reward_mean"] == b["env/reward_mean"] and a["ppo/loss/total"] == b["ppo/loss/total"]

@@ -32,22 +32,22 @@ def test_autocast_context_and_trainer_flags():
 
 
 def test_config_rejects_an_unknown_mixed_precision():
-    from stackllama.config import validate_choices
+    from stackllama.config import validate
 
     with pytest.raises(ValueError, match="mixed_precision='fp8' is not valid"):
-        validate_choices(compose_cfg(["mixed_precision=fp8"]))
+        validate(compose_cfg(["mixed_precision=fp8"]))
 
 
 def test_ppo_may_keep_its_own_precision():
-    from stackllama.config import validate_choices
+    from stackllama.config import validate
 
     cfg = compose_cfg(["mixed_precision=bf16", "ppo.mixed_precision=no"])
-    validate_choices(cfg)
+    validate(cfg)
     assert precision.run_mode(cfg, cfg.ppo.mixed_precision) == "no"  # what stages/ppo.py runs with
     assert precision.run_mode(cfg) == "bf16"
     assert compose_cfg(["ppo.mixed_precision=null"]).ppo.mixed_precision is None
     with pytest.raises(ValueError, match="ppo.mixed_precision='fp8' is not valid"):
-        validate_choices(compose_cfg(["ppo.mixed_precision=fp8"]))
+        validate(compose_cfg(["ppo.mixed_precision=fp8"]))
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])

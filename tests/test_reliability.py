@@ -67,14 +67,14 @@ def _all_finite(folder: Path) -> bool:
 @pytest.mark.parametrize(
     "overrides,outcome",
     [
-        (["ppo.steps=1"], "finite"),
-        (["ppo.steps=1", "++ppo.max_nonfinite_skips=1"], "nothing"),
-        (["ppo.steps=4"], "nothing"),
+        (["ppo.total_episodes=4"], "finite"),
+        (["ppo.total_episodes=4", "++ppo.max_nonfinite_skips=1"], "nothing"),
+        (["ppo.total_episodes=16"], "nothing"),
     ],
     ids=["issue_command", "stop_at_first", "repeated"],
 )
 def test_nan_producing_ppo_run_never_publishes_non_finite_weights(tmp_path, overrides, outcome):
-    """The issue's ``ppo.learning_rate=1e4 ppo.steps=1``: an update's gradient norm goes inf and
+    """The issue's ``ppo.learning_rate=1e4`` for one step: an update's gradient norm goes inf and
     clipping by it made every trained weight NaN; the run completed and published them. Now that
     update is skipped and counted, so the published weights are finite; with the guard at one
     skip (``ppo.max_nonfinite_skips=1``), or with more steps where the skips repeat, the build ends
@@ -146,14 +146,16 @@ def test_non_finite_losses_are_skipped_counted_and_end_the_run(tmp_path):
     def nan_scores(questions, answers):
         return torch.full((len(answers),), float("nan"))
 
-    trainer = _ppo_trainer(tmp_path, nan_scores, "ppo.steps=1", "ppo.ppo_epochs=1", "ppo.max_nonfinite_skips=5")
+    trainer = _ppo_trainer(
+        tmp_path, nan_scores, "ppo.total_episodes=4", "ppo.ppo_epochs=1", "ppo.max_nonfinite_skips=5"
+    )
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
     stats = trainer.train()[0]
     assert stats["ppo/skipped_nonfinite"] == 2  # batch 4 in mini-batches of 2: two updates, both NaN
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.trainable_parameters()))
     assert trainer.state()["skipped_nonfinite"] == 2  # kept in checkpoints
 
-    again = _ppo_trainer(tmp_path / "b", nan_scores, "ppo.steps=3", "ppo.max_nonfinite_skips=3")
+    again = _ppo_trainer(tmp_path / "b", nan_scores, "ppo.total_episodes=12", "ppo.max_nonfinite_skips=3")
     with pytest.raises(FloatingPointError, match="3 updates in a row had a NaN/inf loss"):
         again.train()
 
@@ -171,7 +173,11 @@ def test_a_nan_ratio_is_skipped_like_one_above_the_threshold(tmp_path, monkeypat
 
     monkeypatch.setattr(trainer_module.core, "policy_loss", nan_ratio)
     trainer = _ppo_trainer(
-        tmp_path, lambda q, a: torch.zeros(len(a)), "ppo.steps=1", "ppo.ppo_epochs=1", "ppo.max_nonfinite_skips=10"
+        tmp_path,
+        lambda q, a: torch.zeros(len(a)),
+        "ppo.total_episodes=4",
+        "ppo.ppo_epochs=1",
+        "ppo.max_nonfinite_skips=10",
     )
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
     stats = trainer.train()[0]
@@ -328,7 +334,7 @@ def test_sft_resumed_from_its_last_checkpoint_equals_an_uninterrupted_build(tmp_
         raise RuntimeError("killed after the last checkpoint (simulated)")
 
     with monkeypatch.context() as patch:
-        patch.setattr(sft, "merge", crash)
+        patch.setattr(sft, "merge_trained", crash)
         with pytest.raises(RuntimeError, match="simulated"):
             pipeline.run_stage("sft", cfg, _ctx(tmp_path / "run-b1"))
     assert list((tmp_path / "b").glob("sft/*.work/checkpoints/checkpoint-2/trainer_state.json"))

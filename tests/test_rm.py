@@ -541,7 +541,7 @@ def test_gradient_checkpointing_setting_reaches_the_trainers(tmp_path, enabled):
 
 
 def test_min_pm_margin_trains_only_on_clear_pairs_and_counts_the_rest():
-    from stackllama.stages.rm import clear_pairs
+    from stackllama.data.recipe import clear_pairs
 
     pairs = datasets.Dataset.from_dict(
         {

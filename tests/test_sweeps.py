@@ -40,7 +40,7 @@ data:
 sft: {max_steps: 4, seq_length: 64, eval_size: 8, num_sample_generations: 1, sample_max_new_tokens: 8,
       warmup_steps: 0, logging_steps: 2}
 rm: {max_length: 128, max_steps: 4, max_eval_pairs: 8, logging_steps: 2}
-ppo: {steps: 2, batch_size: 4, mini_batch_size: 2, min_new_tokens: 4, max_new_tokens: 9, learning_rate: 5.0e-5,
+ppo: {total_episodes: 8, batch_size: 4, mini_batch_size: 2, min_new_tokens: 4, max_new_tokens: 9, learning_rate: 5.0e-5,
       sample_every: 1, num_samples: 2}
 logger: {backend: none}
 """
@@ -230,7 +230,7 @@ def test_wandb_offline_runs_of_a_sweep(failing_sweep):
         assert {"test", "ppo", "multirun", "launcher:basic", "model:tiny"} <= set(run["tags"])
         config = run["config"]  # the resolved config, every group, plus the job's overrides
         assert config["ppo"]["learning_rate"] == lr and config["stage"]["name"] == "ppo"
-        assert config["model"]["name"] == "tiny" and config["ppo"]["steps"] == 2
+        assert config["model"]["name"] == "tiny" and config["ppo"]["total_episodes"] == 8
         assert (
             f"ppo.learning_rate={job.name.split('ppo.learning_rate=')[1].split(',')[0]}" in config["hydra"]["overrides"]
         )
@@ -477,7 +477,7 @@ def test_local_preset_and_ready_sweeps_compose():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from stackllama.config import validate_choices
+    from stackllama.config import validate
     from stackllama.train import config_dir
 
     sweeps = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
@@ -490,12 +490,14 @@ def test_local_preset_and_ready_sweeps_compose():
                     return_hydra_config=True,
                     overrides=[f"hydra/launcher={launcher}", f"sweep={sweep}"],
                 )
-                assert cfg.stage.name == "ppo"
-                validate_choices(cfg)
+                assert cfg.stage.name == ("eval" if sweep == "methods" else "ppo"), sweep
+                validate(cfg)
                 params = OmegaConf.to_container(cfg.hydra.sweeper.params)
                 assert params, sweep
-                for key in params:
-                    if key != "seed":
+                for key, values in params.items():
+                    if (REPO / "conf" / key).is_dir():  # a config group (method=ppo,rloo,...): each option exists
+                        assert all((REPO / "conf" / key / f"{v}.yaml").exists() for v in str(values).split(",")), key
+                    elif key != "seed":
                         assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", (sweep, key)
         cfg = compose(config_name="config", return_hydra_config=True, overrides=["hydra/launcher=local"])
         assert cfg.hydra.launcher.tasks_per_node == 1 and cfg.hydra.launcher.gpus_per_node == 0
@@ -556,3 +558,27 @@ def test_report_recipe_table_and_curves(tmp_path):
     )
     assert "| mean of 3 |  | 61 ± 1 |" in text and "0.87 ± 0.01" in text
     assert outputs["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "ppo_curves.png" in text
+
+
+def test_optuna_study_continues_across_invocations_with_sqlite_storage(tmp_path):
+    """hydra.sweeper.storage=sqlite:///...: a second invocation with the same study name adds its
+    trials to the first's (an interrupted study resumes; parallel Slurm jobs share one), which needs
+    the SQLAlchemy 1.4 the sweeps extra pins (optuna 2.10's SQL storage predates SQLAlchemy 2)."""
+    import optuna
+
+    workdir = make_workdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    common = [
+        "experiment=tiny_fixed",
+        "sweep=optuna_ppo",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=resumable",
+        "hydra.sweeper.n_trials=1",
+        "ppo.batch_size=4",
+    ]
+    run_cli(workdir, *common)
+    # each invocation its own sampler seed: with the same one it would draw the first one's point again
+    run_cli(workdir, *common, "hydra.sweeper.sampler.seed=1")
+    study = optuna.load_study(study_name="resumable", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 2

@@ -118,7 +118,7 @@ CASES = [
     # rows 4 and 5 of the issue: ranges in the schema, checked before anything loads
     Case("cliprange", ["ppo.cliprange=-1"], ["ppo.cliprange=-1.0", "must be > 0"]),
     Case("kl_coef", ["ppo.kl_coef=-1"], ["ppo.kl_coef=-1.0", "must be >= 0"]),
-    Case("ppo_steps", ["stage=ppo", "ppo.steps=0"], ["ppo.steps=0", "must be >= 1"]),
+    Case("ppo_total_episodes", ["stage=ppo", "ppo.total_episodes=0"], ["ppo.total_episodes=0", "must be >= 1"]),
     Case("sft_max_steps", ["sft.max_steps=0"], ["sft.max_steps=0", "must be >= 1"]),
     Case(
         "plus_typo",
@@ -136,8 +136,8 @@ CASES = [
     Case("rm_lora_r", ["stage=rm", "rm.lora.r=0"], ["rm.lora.r=0", "must be >= 1"]),
     Case(
         "gas_3",
-        ["stage=ppo", "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=3"],
-        ["ppo.mini_batch_size=4 must be a multiple of ppo.gradient_accumulation_steps=3"],
+        ["stage=ppo", "ppo.mini_batch_size=4", "ppo.micro_batch_size=3"],
+        ["ppo.mini_batch_size=4 must be a multiple of ppo.micro_batch_size=3"],
     ),
     Case("temperature", ["stage=ppo", "ppo.temperature=0"], ["ppo.temperature=0.0", "must be > 0"]),
     Case("mini_batch_0", ["stage=ppo", "ppo.mini_batch_size=0"], ["ppo.mini_batch_size=0", "must be >= 1"]),

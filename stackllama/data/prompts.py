@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
+
+
+def eval_questions(questions: Sequence[str], n: int) -> list[str]:
+    """The first ``n`` distinct questions, in split order (pairs repeat their question)."""
+    seen: dict[str, None] = {}
+    for q in questions:
+        if q not in seen:
+            seen[q] = None
+    return list(seen)[: max(int(n), 0)]
 
 
 class PromptSource:
@@ -62,4 +71,4 @@ class PromptSource:
         self._order = self._permutation()
 
 
-__all__ = ["PromptSource"]
+__all__ = ["PromptSource", "eval_questions"]

@@ -45,6 +45,13 @@ def make_pairs(record: dict, rng: random.Random, max_pairs: int | None) -> list[
     return pairs
 
 
+def clear_pairs(dataset: Any, min_margin: int) -> Any:
+    """The pairs whose chosen answer's pm_score beats the rejected one's by at least ``min_margin``."""
+    if min_margin <= 1:  # make_pairs keeps only pairs with different pm_scores: all pass
+        return dataset
+    return dataset.filter(lambda c, r: c - r >= min_margin, input_columns=["chosen_pm", "rejected_pm"])
+
+
 def winning_answers(record: dict) -> list[dict]:
     """Answers that win at least one pair: every answer above the question's lowest pm_score."""
     if not record["answers"]:

@@ -66,3 +66,28 @@ def merge_adapter_into_base(
     merged.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def merge_trained(
+    model: Any, base_path: str | Path, kind: str, quantization: Any, adapter_dir: Path, device: Any
+) -> Any:
+    """A trained model as a plain one: LoRA folded into full-precision base weights. On a quantized
+    base the adapter is saved to ``adapter_dir`` and merged onto ``base_path`` reloaded in
+    ``quantization.compute_dtype`` (``merged_model``)."""
+    import logging
+
+    if quantization.mode == "none":
+        return merge_in_memory(model)
+    model.save_pretrained(str(adapter_dir))
+    logging.getLogger(__name__).info("Merging the adapter onto the unquantized base (%s)", quantization.compute_dtype)
+    return merged_model(base_path, adapter_dir, kind, quantization.compute_dtype, device=device)
+
+
+def save_plain_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """A plain HF folder (safetensors, no quantization config) plus the tokenizer."""
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:  # never ship a stale bnb config
+        del config.quantization_config
+    config.use_cache = True  # the Trainer turns the KV cache off for training; generation wants it
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,8 +56,33 @@ def make_kl_controller(cfg: Any) -> core.FixedKLController | core.AdaptiveKLCont
 Scorer = Callable[[list[str], list[str]], torch.Tensor]
 
 
+@dataclass
+class TrainBatch:
+    """What one PPO step's epochs train on: the rollout and its no-grad figures, fixed while the
+    policy moves (B episodes, R response tokens)."""
+
+    ro: Rollout
+    old_logprobs: torch.Tensor  # (B, R) log pi_old(a_t | s_t)
+    old_values: torch.Tensor  # (B, R) V_old(s_t)
+    advantages: torch.Tensor  # (B, R) A_t
+    returns: torch.Tensor  # (B, R) the value head's targets
+    mask: torch.Tensor  # (B, R) 1 on response tokens
+    ref_logprobs: torch.Tensor  # (B, R) log pi_ref(a_t | s_t)
+    critic_only: bool  # critic warm-up: only the value head trains
+
+
+def num_steps(cfg: Any) -> int:
+    """PPO steps in a run: ceil(total_episodes / batch_size), as TRL rounds its episode count."""
+    return -(-int(cfg.total_episodes) // int(cfg.batch_size))
+
+
+def micro_batch_size(cfg: Any) -> int:
+    """Episodes per forward/backward pass (``ppo.micro_batch_size``; None: the whole mini-batch)."""
+    return int(cfg.micro_batch_size or cfg.mini_batch_size)
+
+
 class PPOTrainer:
-    """Runs ``cfg.steps`` PPO steps on ``policy``; checkpoints into ``checkpoint_dir``."""
+    """Runs ``num_steps(cfg)`` PPO steps on ``policy``; checkpoints into ``checkpoint_dir``."""
 
     def __init__(
         self,
@@ -72,8 +98,13 @@ class PPOTrainer:
         gold_scorer: Scorer | None = None,
         samples_path: Path | None = None,
         mixed_precision: str = "no",
+        heldout: PromptSource | None = None,
+        heldout_tokens: int = 0,
     ):
         self.cfg = cfg
+        self.heldout, self.heldout_tokens = heldout, int(heldout_tokens)  # ppo.eval_every's fixed questions
+        self.heldout_rows: list[dict[str, float]] = []
+        self.seed = seed
         self.mixed_precision = mixed_precision
         self.policy = policy
         self.tokenizer = tokenizer
@@ -85,10 +116,8 @@ class PPOTrainer:
         self.samples_path = samples_path
         self.checkpoint_dir = Path(checkpoint_dir)
         self.dist = distributed.current()
-        if cfg.batch_size % cfg.mini_batch_size or cfg.mini_batch_size % cfg.gradient_accumulation_steps:
-            raise ValueError(
-                "need batch_size % mini_batch_size == 0 and mini_batch_size % gradient_accumulation_steps == 0"
-            )
+        if cfg.batch_size % cfg.mini_batch_size or cfg.mini_batch_size % micro_batch_size(cfg):
+            raise ValueError("need batch_size % mini_batch_size == 0 and mini_batch_size % micro_batch_size == 0")
         # fused: one kernel for all parameters (an optimizer step went from ~100 ms to ~6 ms on CPU)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=float(cfg.learning_rate), fused=True)
         self.kl_ctl = make_kl_controller(cfg)
@@ -153,7 +182,9 @@ class PPOTrainer:
             advantages = core.masked_whiten(advantages, mask)
 
         # 6. PPO epochs over shuffled mini-batches ------------------------------------
-        train_stats = self._optimize(ro, old_logprobs, old_values, advantages, returns, mask, ref_logprobs)
+        critic_only = self.step_idx < int(cfg.critic_warmup_steps)
+        batch = TrainBatch(ro, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, critic_only)
+        train_stats = self._optimize(batch)
         t_optimize = time.perf_counter()
 
         # 7. KL control: beta <- beta * (1 + clip(KL/target - 1, -0.2, 0.2) * B/horizon)
@@ -203,6 +234,56 @@ class PPOTrainer:
         if self.dist.is_main:
             self._maybe_log_samples(ro, scores, seq_kl, gold)
         return stats
+
+    # ------------------------------------------------------------------ curves along training
+    @torch.no_grad()
+    def evaluate_heldout(self) -> dict[str, float]:
+        """The current policy on the fixed held-out questions: one response each (heldout_tokens
+        long, the same sampling seed every time, outside the training RNG streams), its raw RM
+        score, gold score and KL(pi || pi_ref) per response, estimated as sum_t k3_t with
+        k3 = (r - 1) - log r, r = pi_ref(y_t) / pi(y_t) on the policy's own samples: unbiased like k1
+        and never negative (sqrt(KL) is the curve's x axis). Appends the row to ``heldout_rows``."""
+        hp, cfg = self.heldout, self.cfg
+        n = len(hp.questions)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # training's global RNG state is restored after
+            torch.manual_seed(self.seed + 7919)
+            with self._autocast():
+                ro = generate_rollout(
+                    self.policy.generation_model(),
+                    self.tokenizer,
+                    list(hp.questions),
+                    list(hp.query_ids),
+                    [self.heldout_tokens] * n,
+                    cfg,
+                    self.device,
+                )
+            logprobs, _, ref_logprobs, _ = self._forward_no_grad(ro)  # (n, R) each
+        mask = ro.response_mask.float().to(logprobs.device)
+        kl = (core.kl_estimate(logprobs, ref_logprobs, "k3") * mask).sum(1)  # (n,) per response, >= 0
+        scores = self.scorer(ro.questions, ro.responses).float().cpu()  # (n,) raw, as the eval stage scores
+        row = {
+            "step": float(self.step_idx),
+            "episodes": float(self.step_idx * int(cfg.batch_size)),
+            "reward_mean": float(scores.mean()),
+            "reward_stderr": float(scores.std() / math.sqrt(n)) if n > 1 else 0.0,
+            "kl_mean": float(kl.mean()),
+            "questions": float(n),
+        }
+        if self.gold_scorer is not None:
+            gold = torch.as_tensor(self.gold_scorer(ro.questions, ro.responses), dtype=torch.float32)
+            row["gold_mean"] = float(gold.mean())
+            row["gold_stderr"] = float(gold.std() / math.sqrt(n)) if n > 1 else 0.0
+        self.heldout_rows.append(row)
+        self._between_phases()
+        return row
+
+    def _heldout_due(self, total: int) -> bool:
+        every = int(self.cfg.eval_every)
+        if self.heldout is None or every <= 0:
+            return False
+        done = {int(r["step"]) for r in self.heldout_rows}
+        return self.step_idx not in done and (self.step_idx % every == 0 or self.step_idx == total)
 
     # ------------------------------------------------------------------ pieces
     def _shape_scores(self, raw: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
@@ -262,21 +343,11 @@ class PPOTrainer:
         ro.prefix = torch.cat(out["prefix"]) if out["prefix"] else None
         return tuple(torch.cat(out[k]).float() for k in ("logprobs", "values", "ref", "entropy"))
 
-    def _micro_batch_loss(
-        self,
-        ro: Rollout,
-        i: torch.Tensor,
-        old_logprobs,
-        old_values,
-        advantages,
-        returns,
-        mask,
-        critic_only: bool,
-        ref_logprobs,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _micro_batch_loss(self, b: TrainBatch, i: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of episodes ``i`` (m of them): L = L_clip + vf_coef * L_vf, or vf_coef * L_vf alone in
         critic warm-up (then the backbone runs without grad: only the value head learns)."""
         cfg = self.cfg
+        ro, critic_only, mask = b.ro, b.critic_only, b.mask
         grad = contextlib.nullcontext() if not critic_only else torch.no_grad()
         prefix = ro.prefix[i] if ro.prefix is not None else None  # (m, Q+R, H) from the no-grad pass
         with grad, self._autocast():
@@ -284,7 +355,7 @@ class PPOTrainer:
                 ro.input_ids[i], ro.attention_mask[i], ro.query_len, with_values=False, prefix=prefix
             )  # (m, R, H)
         values = self.policy.values(hidden).float()  # (m, R)
-        vf_loss, vf_stats = core.value_loss(values, old_values[i], returns[i], mask[i], float(cfg.cliprange_value))
+        vf_loss, vf_stats = core.value_loss(values, b.old_values[i], b.returns[i], mask[i], float(cfg.cliprange_value))
         stats = {
             "ppo/loss/value": vf_loss,
             "ppo/val/clipfrac": vf_stats["clipfrac"],
@@ -297,8 +368,8 @@ class PPOTrainer:
         )
         pg_loss, pg_stats = core.policy_loss(
             logprobs.float(),
-            old_logprobs[i],
-            advantages[i],
+            b.old_logprobs[i],
+            b.advantages[i],
             mask[i],  # (m, R)
             float(cfg.cliprange),
             cfg.dual_clip,
@@ -306,7 +377,7 @@ class PPOTrainer:
         vf_coef = float(cfg.vf_coef) if cfg.advantage == "gae" else 0.0  # group baselines need no critic
         loss = pg_loss + vf_coef * vf_loss  # L = L_clip + c_vf * L_vf
         if cfg.kl_in_loss:  # GRPO: L += beta * mean_t KL_t(pi_theta || pi_ref), on the current policy
-            kl_loss = core.masked_mean(core.kl_estimate(logprobs.float(), ref_logprobs[i], cfg.kl_estimator), mask[i])
+            kl_loss = core.masked_mean(core.kl_estimate(logprobs.float(), b.ref_logprobs[i], cfg.kl_estimator), mask[i])
             loss = loss + float(self.kl_ctl.value) * kl_loss
             stats["ppo/loss/kl"] = kl_loss
         stats.update(
@@ -322,59 +393,27 @@ class PPOTrainer:
         )
         return loss, stats
 
-    def _optimize(self, ro, old_logprobs, old_values, advantages, returns, mask, ref_logprobs) -> dict[str, float]:
-        """``ppo_epochs`` passes over shuffled mini-batches of ``mini_batch_size`` episodes, each one
-        optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+    def _optimize(self, batch: TrainBatch) -> dict[str, float]:
+        """``ppo_epochs`` passes over the batch in shuffled mini-batches of ``mini_batch_size``
+        episodes, one optimizer step each; an epoch whose mean approx KL exceeds 1.5 x target_kl
+        ends the step's epochs."""
         cfg = self.cfg
-        B, mb, gas = ro.input_ids.shape[0], int(cfg.mini_batch_size), int(cfg.gradient_accumulation_steps)
-        micro = mb // gas
-        critic_only = self.step_idx < int(cfg.critic_warmup_steps)
-        params = self.policy.trainable_parameters()
+        B, mb = batch.ro.input_ids.shape[0], int(cfg.mini_batch_size)
+        critic_only = batch.critic_only
         sums: dict[str, float] = defaultdict(float)
         count = 0
         early_stop = 0.0
         self.policy.eval()  # dropout off in updates too (N+ detail): ratios start at exactly 1
         for _epoch in range(int(cfg.ppo_epochs)):
-            perm = torch.randperm(B, generator=self.generator)
+            perm = torch.randperm(B, generator=self.generator).to(batch.ro.input_ids.device)
             epoch_kl = []
             for start in range(0, B, mb):
-                self.optimizer.zero_grad(set_to_none=True)
-                stepped, nonfinite = False, 0  # nonfinite: micro-batches / updates dropped for NaN or inf
-                for m_start in range(start, start + mb, micro):
-                    i = perm[m_start : m_start + micro].to(ro.input_ids.device)
-                    loss, stats = self._micro_batch_loss(
-                        ro, i, old_logprobs, old_values, advantages, returns, mask, critic_only, ref_logprobs
-                    )
-                    ratio = float(stats["ppo/policy/ratio_mean"]) if not critic_only else 1.0
-                    if not ratio <= float(cfg.ratio_threshold):  # written so that a NaN ratio is skipped too
-                        # The probability ratio exploded: this micro-batch would wreck the policy.
-                        self.skipped_batches += 1
-                        nonfinite += not math.isfinite(ratio)
-                        continue
-                    if not torch.isfinite(loss):
-                        nonfinite += 1  # a NaN/inf loss would put NaN into every trained weight
-                        continue
-                    (loss / gas).backward()
-                    stepped = True
+                for stats in self._update(perm[start : start + mb], batch):
                     for k, v in stats.items():
                         sums[k] += float(v.detach()) if torch.is_tensor(v) else float(v)
                     count += 1
                     if not critic_only:
                         epoch_kl.append(float(stats["ppo/policy/approxkl"]))
-                if self.dist.is_distributed:  # every rank steps, with the mean gradient, if any rank has one
-                    stepped = distributed.all_reduce_sum(int(stepped)) > 0
-                    nonfinite = int(distributed.all_reduce_sum(nonfinite))  # the same count (and decision) everywhere
-                    if stepped:
-                        distributed.average_gradients(params)
-                if stepped:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
-                    if torch.isfinite(grad_norm):  # ranks hold the same mean gradient: the same decision
-                        self.optimizer.step()
-                    else:  # clipping by an infinite norm turns every gradient into NaN: skip the update
-                        self.optimizer.zero_grad(set_to_none=True)
-                        nonfinite += 1
-                        stepped = False
-                self._count_update(stepped, nonfinite)
             epoch_approxkl = float(np.mean(epoch_kl)) if epoch_kl else 0.0
             if self.dist.is_distributed:  # all ranks stop together
                 epoch_approxkl = distributed.all_reduce_mean(epoch_approxkl)
@@ -386,6 +425,49 @@ class PPOTrainer:
         stats["ppo/early_stop"] = early_stop
         stats["ppo/critic_warmup"] = float(critic_only)
         return stats
+
+    def _update(self, idx: torch.Tensor, batch: TrainBatch) -> list[dict[str, Any]]:
+        """One optimizer step on the mini-batch ``idx`` (mini_batch_size episodes): the gradient of
+        its micro-batches (micro_batch_size episodes each) accumulated, clipped to max_grad_norm.
+        A micro-batch whose mean ratio exceeds ratio_threshold, or whose loss or ratio is NaN/inf,
+        is left out; an infinite gradient norm drops the update. Returns the kept micro-batches' stats."""
+        cfg = self.cfg
+        critic_only = batch.critic_only
+        micro = micro_batch_size(cfg)
+        passes = len(idx) // micro  # the loss of each pass is divided by it: the mean over the mini-batch
+        params = self.policy.trainable_parameters()
+        self.optimizer.zero_grad(set_to_none=True)
+        kept: list[dict[str, Any]] = []
+        nonfinite = 0  # micro-batches / updates dropped for NaN or inf
+        for m_start in range(0, len(idx), micro):
+            loss, stats = self._micro_batch_loss(batch, idx[m_start : m_start + micro])
+            ratio = float(stats["ppo/policy/ratio_mean"]) if not critic_only else 1.0
+            if not ratio <= float(cfg.ratio_threshold):  # written so that a NaN ratio is skipped too
+                # The probability ratio exploded: this micro-batch would wreck the policy.
+                self.skipped_batches += 1
+                nonfinite += not math.isfinite(ratio)
+                continue
+            if not torch.isfinite(loss):
+                nonfinite += 1  # a NaN/inf loss would put NaN into every trained weight
+                continue
+            (loss / passes).backward()
+            kept.append(stats)
+        stepped = bool(kept)
+        if self.dist.is_distributed:  # every rank steps, with the mean gradient, if any rank has one
+            stepped = distributed.all_reduce_sum(int(stepped)) > 0
+            nonfinite = int(distributed.all_reduce_sum(nonfinite))  # the same count (and decision) everywhere
+            if stepped:
+                distributed.average_gradients(params)
+        if stepped:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.max_grad_norm))
+            if torch.isfinite(grad_norm):  # ranks hold the same mean gradient: the same decision
+                self.optimizer.step()
+            else:  # clipping by an infinite norm turns every gradient into NaN: skip the update
+                self.optimizer.zero_grad(set_to_none=True)
+                nonfinite += 1
+                stepped = False
+        self._count_update(stepped, nonfinite)
+        return kept
 
     def _count_update(self, stepped: bool, nonfinite: int) -> None:
         """Count the micro-batches and updates dropped for a NaN/inf loss, ratio or gradient norm; end
@@ -452,6 +534,7 @@ class PPOTrainer:
             "score_moments": self.score_moments.state_dict(),
             "generator": self.generator.get_state(),
             "history": self.history,
+            "heldout": self.heldout_rows,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -465,6 +548,7 @@ class PPOTrainer:
         self.score_moments.load_state_dict(state["score_moments"])
         self.generator.set_state(state["generator"])
         self.history = list(state["history"])
+        self.heldout_rows = list(state.get("heldout", []))
 
     def resume(self) -> int:
         """Load the latest checkpoint when present; returns the step resumed from (0 if none)."""
@@ -490,12 +574,20 @@ class PPOTrainer:
             save_checkpoint(self.checkpoint_dir, self.step_idx, self.policy, self.optimizer, per_rank)
         distributed.barrier()  # nobody reads or overwrites it before it is complete
 
+    def _log_heldout(self, row: dict[str, float]) -> None:
+        if self.tracker is not None and self.dist.is_main:
+            self.tracker.log({f"heldout/{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
     def train(self, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-        total = int(self.cfg.steps)
+        total = num_steps(self.cfg)
         bar = tqdm(total=total, initial=self.step_idx, desc="PPO", dynamic_ncols=True, disable=not self.dist.is_main)
+        if self._heldout_due(total):  # the curve's first point: the policy before any update
+            self._log_heldout(self.evaluate_heldout())
         while self.step_idx < total:
             stats = self.step()
             stats["ppo/step"] = self.step_idx
+            if self._heldout_due(total):
+                stats.update({f"heldout/{k}": v for k, v in self.evaluate_heldout().items() if k != "step"})
             self.history.append(stats)
             if self.tracker is not None and self.dist.is_main and self.step_idx % max(int(self.cfg.log_every), 1) == 0:
                 self.tracker.log(stats, step=self.step_idx)

@@ -38,7 +38,7 @@ def run(cfg: Any, ctx: Any) -> float:
     from stackllama.pipeline import plan, resolve
     from stackllama.stages.eval import evaluate
 
-    todo = plan("eval", cfg)  # sft -> rm -> ppo, less what explicit paths replace
+    todo = plan("eval", cfg)  # sft -> rm -> ppo (or dpo: eval.policy), less what explicit paths replace
     summary = []
 
     def on_ready(stage: str, folder: Path, manifest: dict, reused: bool, seconds: float) -> None:
@@ -58,7 +58,7 @@ def run(cfg: Any, ctx: Any) -> float:
     inputs = resolve("eval", cfg, ctx, on_ready=on_ready)
     log.info("all: artifacts ready (%s); evaluating", ", ".join(summary) or "every model given explicitly")
     started = time.time()
-    objective = evaluate(cfg, ctx, inputs["ppo"], inputs["sft"], inputs["rm"])
+    objective = evaluate(cfg, ctx, inputs[str(cfg.eval.policy)], inputs["sft"], inputs["rm"])
     ctx.metrics.update({"time/stage/eval_s": round(time.time() - started, 3)})
     return objective
 

@@ -34,10 +34,16 @@ def select(scores: torch.Tensor, n: int) -> torch.Tensor:
     return scores[:, :n].argmax(1)
 
 
-def frontier(rm: torch.Tensor, gold: Optional[torch.Tensor], ns: Sequence[int]) -> dict[str, float]:
+def frontier(
+    rm: torch.Tensor, gold: Optional[torch.Tensor], ns: Sequence[int], baseline: Optional[dict[str, list]] = None
+) -> dict[str, float]:
     """``eval/bon/<n>/...`` for each n: the mean RM (and gold) score of the RM's pick, and its KL.
 
-    ``rm`` and ``gold`` are (Q, N): question q's N samples, scored."""
+    ``rm`` and ``gold`` are (Q, N): question q's N samples, scored. With ``baseline`` (the eval
+    stage's own SFT response to each question, scored: ``{"reward": [...], "gold": [...]}``) also
+    the pick's win rate over it (ties half), by the RM and by the gold scorer, as the policies'."""
+    from stackllama.stages.eval import win_rate
+
     out: dict[str, float] = {}
     rows = torch.arange(rm.shape[0])
     for n in sorted(set(int(x) for x in ns)):
@@ -46,6 +52,10 @@ def frontier(rm: torch.Tensor, gold: Optional[torch.Tensor], ns: Sequence[int]) 
         if gold is not None:
             out[f"eval/bon/{n}/gold_mean"] = float(gold[rows, pick].mean())
         out[f"eval/bon/{n}/kl"] = bon_kl(n)
+        if baseline and len(baseline.get("reward", [])) == rm.shape[0]:
+            out[f"eval/bon/{n}/win_rate_vs_sft"] = win_rate(rm[rows, pick].tolist(), baseline["reward"])
+            if gold is not None and len(baseline.get("gold") or []) == rm.shape[0]:
+                out[f"eval/bon/{n}/gold_win_rate_vs_sft"] = win_rate(gold[rows, pick].tolist(), baseline["gold"])
     return out
 
 
@@ -62,6 +72,7 @@ def run(
     score: Callable[[list[str], list[str]], torch.Tensor],
     gold: Optional[Callable[[list[str], list[str]], list[float]]] = None,
     batch_size: int = 16,
+    baseline: Optional[dict[str, list]] = None,
 ) -> dict[str, float]:
     """Sample ``max(ns)`` responses per question from ``model`` and return ``frontier``'s figures."""
     from stackllama.stages.eval import sample
@@ -76,11 +87,17 @@ def run(
     gold_scores = None
     if gold is not None:
         gold_scores = torch.tensor(gold(qs, texts), dtype=torch.float32).view(len(questions), N)
-    return frontier(rm, gold_scores, ns)
+    return frontier(rm, gold_scores, ns, baseline)
 
 
 def evaluate_sft(
-    cfg: Any, ctx: Any, sft_path: Any, rm_path: Any, questions: Sequence[str], gold: Any = None
+    cfg: Any,
+    ctx: Any,
+    sft_path: Any,
+    rm_path: Any,
+    questions: Sequence[str],
+    gold: Any = None,
+    baseline: Optional[dict[str, list]] = None,
 ) -> dict[str, float]:
     """``run`` on the SFT model for ``eval.best_of_n``, scored by the reward model as PPO scores."""
     from stackllama import precision
@@ -106,6 +123,7 @@ def evaluate_sft(
             scorer.score,
             gold,
             int(ev.batch_size),
+            baseline,
         )
 
 

@@ -32,11 +32,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from stackllama import precision
+from stackllama.data.prompts import eval_questions
 from stackllama.ppo.core import kl_estimate, logprobs_from_hidden, repetition_stats
 from stackllama.ppo.policy import response_hidden
 from stackllama.ppo.rollout import generate_rollout
@@ -49,15 +50,6 @@ OBJECTIVE = "eval/win_rate_vs_sft"
 # --------------------------------------------------------------------------------------
 # Questions
 # --------------------------------------------------------------------------------------
-
-
-def eval_questions(questions: Sequence[str], n: int) -> list[str]:
-    """The first ``n`` distinct questions, in split order (pairs repeat their question)."""
-    seen: dict[str, None] = {}
-    for q in questions:
-        if q not in seen:
-            seen[q] = None
-    return list(seen)[: max(int(n), 0)]
 
 
 def encode_queries(
@@ -408,45 +400,70 @@ def score_both(
     return reward_ppo, reward_sft
 
 
-def evaluate(cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path) -> float:
-    """Compare the artifacts, record the figures, write the report; returns the objective."""
+def relabel(record: Mapping[str, Any], policy: str) -> dict[str, Any]:
+    """Keys written for a PPO policy (``eval/reward_mean_ppo``, a record's ``gold_ppo``) named for
+    the method under test (``eval.policy``): ``eval/reward_mean_dpo`` when DPO's policy is judged."""
+    if policy == "ppo":
+        return dict(record)
+    out = {}
+    for key, value in record.items():
+        if key == "ppo":
+            key = policy
+        elif key.endswith("_ppo"):
+            key = key[: -len("ppo")] + policy
+        out[key.replace("_ppo_", f"_{policy}_").replace("/ppo_", f"/{policy}_")] = value
+    return out
+
+
+def evaluate(cfg: Any, ctx: Any, policy_path: Path, sft_path: Path, rm_path: Path) -> float:
+    """Compare the policy under test (``eval.policy``) with SFT, record the figures, write the
+    report; returns the objective."""
     from stackllama.data import build_dataset, gold_scorer
     from stackllama.stages.eval_report import write_report
 
     started = time.time()
+    policy = str(cfg.eval.policy)
     splits = build_dataset(cfg.data)
     gold = gold_scorer(cfg.data)
     metrics, records = compare(
-        cfg, ctx, Path(ppo_path), Path(sft_path), Path(rm_path), list(splits.evaluation["question"]), gold
+        cfg, ctx, Path(policy_path), Path(sft_path), Path(rm_path), list(splits.evaluation["question"]), gold
     )
     if cfg.eval.best_of_n:
         from stackllama.stages import best_of_n
 
         t = time.time()
-        metrics.update(best_of_n.evaluate_sft(cfg, ctx, sft_path, rm_path, list(splits.evaluation["question"]), gold))
+        sft_scores = {  # the SFT responses the policy was judged against: best-of-n's baseline too
+            "reward": [r["reward_sft"] for r in records],
+            "gold": [r["gold_sft"] for r in records] if records and "gold_sft" in records[0] else None,
+        }
+        questions = list(splits.evaluation["question"])
+        metrics.update(best_of_n.evaluate_sft(cfg, ctx, sft_path, rm_path, questions, gold, sft_scores))
         metrics["time/eval/best_of_n_s"] = round(time.time() - t, 3)
     metrics["time/stage/eval_s"] = round(time.time() - started, 3)
-    ctx.metrics.update(metrics)
+    upstream = {policy: Path(policy_path), "sft": Path(sft_path), "rm": Path(rm_path)}
+    reused = {s: ctx.metrics.values.get(f"upstream/{s}/reused") for s in upstream}
+    report = write_report(
+        cfg, Path(ctx.run_dir), {**ctx.metrics.values, **metrics}, records, upstream, reused, ctx.tracker
+    )
+    metrics, records = relabel(metrics, policy), [relabel(r, policy) for r in records]
+    ctx.metrics.update({**metrics, "eval/report": str(report)})
     with open(Path(ctx.run_dir) / "eval_samples.jsonl", "w") as fh:
         for rec in records:
             fh.write(json.dumps(rec) + "\n")
     ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    upstream = {"ppo": Path(ppo_path), "sft": Path(sft_path), "rm": Path(rm_path)}
-    reused = {s: ctx.metrics.values.get(f"upstream/{s}/reused") for s in upstream}
-    report = write_report(cfg, Path(ctx.run_dir), ctx.metrics.values, records, upstream, reused, ctx.tracker)
-    ctx.metrics.update({"eval/report": str(report)})
     gold_txt = ""
     if "eval/gold_win_rate_vs_sft" in metrics:
         gold_txt = (
             f"; gold win rate {metrics['eval/gold_win_rate_vs_sft']:.3f}, gold mean "
-            f"{metrics['eval/gold_mean_sft']:.3f} -> {metrics['eval/gold_mean_ppo']:.3f}"
+            f"{metrics['eval/gold_mean_sft']:.3f} -> {metrics[f'eval/gold_mean_{policy}']:.3f}"
         )
     log.info(
-        "eval: PPO beats SFT in %.3f of %d questions (RM); reward %.3f -> %.3f; KL %.3f%s. Report: %s",
+        "eval: %s beats SFT in %.3f of %d questions (RM); reward %.3f -> %.3f; KL %.3f%s. Report: %s",
+        policy.upper(),
         metrics[OBJECTIVE],
         metrics["eval/num_questions"],
         metrics["eval/reward_mean_sft"],
-        metrics["eval/reward_mean_ppo"],
+        metrics[f"eval/reward_mean_{policy}"],
         metrics["eval/kl_mean"],
         gold_txt,
         report,
@@ -457,13 +474,14 @@ def evaluate(cfg: Any, ctx: Any, ppo_path: Path, sft_path: Path, rm_path: Path) 
 def run(cfg: Any, ctx: Any) -> float:
     from stackllama.pipeline import resolve
 
-    inputs = resolve("eval", cfg, ctx)  # SFT, RM and PPO found or built in order; explicit paths honoured
-    return evaluate(cfg, ctx, inputs["ppo"], inputs["sft"], inputs["rm"])
+    inputs = resolve("eval", cfg, ctx)  # SFT, RM and the policy found or built in order; explicit paths honoured
+    return evaluate(cfg, ctx, inputs[str(cfg.eval.policy)], inputs["sft"], inputs["rm"])
 
 
 __all__ = [
     "run",
     "evaluate",
+    "relabel",
     "compare",
     "summarize",
     "win_rate",

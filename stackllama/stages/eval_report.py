@@ -38,6 +38,7 @@ HEADLINES = {
         "objective/kl_coef_end",
         "hack/frac_hacking_end",
     ),
+    "dpo": ("eval/implicit_reward_accuracy", "eval/implicit_reward_margin", "train/loss", "train/steps"),
 }
 COLORS = {"sft": "#1f77b4", "ppo": "#d62728", "gold": "#2ca02c", "coef": "#7f7f7f"}
 
@@ -334,11 +335,18 @@ def comparison_rows(m: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def relabel_text(text: str, cfg: Any) -> str:
+    """The report names the policy under test by its method (``eval.policy``): written for PPO,
+    "PPO" reads "DPO" when a DPO policy is judged. (The figures' labels are drawn before.)"""
+    policy = str(cfg.eval.policy).upper()
+    return text if policy == "PPO" else text.replace("PPO", policy)
+
+
 def upstream_rows(upstream: Mapping[str, Path], reused: Mapping[str, Any]) -> list[list[str]]:
     from stackllama.artifacts import is_trusted, read_manifest
 
     rows = []
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", "rm", "ppo", "dpo"):
         if stage not in upstream:
             continue
         folder = Path(upstream[stage])
@@ -375,6 +383,21 @@ def sample_rows(records: Sequence[Mapping[str, Any]], n: int) -> tuple[list[str]
             row.append(f"{fmt(r['gold_sft'])} → {fmt(r['gold_ppo'])}")
         rows.append(row)
     return columns, rows
+
+
+def kl_figure(cfg: Any, metrics: Mapping[str, Any], upstream: Mapping[str, Path], fig_dir: Path) -> list:
+    """The proxy and gold score against sqrt(KL to SFT): the policy's held-out curve along training
+    (``ppo.eval_every``), best-of-n (``eval.best_of_n``), a DPO policy's end point; [] without any."""
+    from stackllama.report_methods import plot_methods_kl
+    from stackllama.stages.eval import relabel
+
+    policy = str(cfg.eval.policy)
+    row = {"run/status": "completed", "override:method": policy, **relabel(metrics, policy)}
+    row.update({f"upstream/{name}/path": str(path) for name, path in upstream.items()})
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    path = plot_methods_kl([row], fig_dir / "kl_frontier.png")
+    caption = "Proxy (RM) and gold score against sqrt(KL to SFT): along training, best-of-n"
+    return [("eval/kl_frontier", caption, path)] if path is not None else []
 
 
 def draw_figures(
@@ -456,6 +479,7 @@ def write_report(
     reused = dict(reused or {})
     history = load_history(Path(upstream["ppo"]) / "history.jsonl") if "ppo" in upstream else []
     images = draw_figures(cfg, history, records, run_dir / FIG_DIR)
+    images += kl_figure(cfg, metrics, upstream, run_dir / FIG_DIR)
     n_samples = int(cfg.eval.num_samples_in_report)
     s_cols, s_rows = sample_rows(records, n_samples)
     n_q = metrics.get("eval/num_questions")
@@ -464,7 +488,7 @@ def write_report(
         "# StackLlama evaluation: PPO policy vs SFT reference",
         "",
         f"Model `{cfg.model.name}`, data `{cfg.data.source}`, seed {cfg.seed}; {fmt(n_q)} held-out questions "
-        f"(evaluation split), one sampled response per model per question (PPO's sampling: temperature "
+        f"(evaluation split), one sampled response per model per question (sampling: ppo.temperature "
         f"{p.temperature}, top_k={p.top_k}, top_p={p.top_p}; {cfg.eval.max_new_tokens} new tokens, same seeds "
         "for both models). Rewards from the reward model"
         + (", gold scores from the synthetic data's hidden scorer." if "eval/gold_mean_ppo" in metrics else "."),
@@ -502,10 +526,12 @@ def write_report(
         "",
     ]
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines))
+    report.write_text(relabel_text("\n".join(lines), cfg))
     try:
         (run_dir / "report.html").write_text(
-            _html(cfg, metrics, records, s_cols, s_rows, images, run_dir, upstream_rows(upstream, reused))
+            relabel_text(
+                _html(cfg, metrics, records, s_cols, s_rows, images, run_dir, upstream_rows(upstream, reused)), cfg
+            )
         )
     except Exception:
         log.exception("could not write report.html")

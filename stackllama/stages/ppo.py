@@ -18,7 +18,7 @@ import torch
 
 from stackllama import distributed, pipeline, precision
 from stackllama.data import build_dataset, gold_scorer
-from stackllama.data.prompts import PromptSource
+from stackllama.data.prompts import PromptSource, eval_questions
 from stackllama.models.loader import count_parameters, load_model, load_tokenizer
 from stackllama.models.merge import merge_adapter_into_base
 from stackllama.ppo.policy import PolicyWithValueHead
@@ -70,6 +70,33 @@ def save_policy(cfg: Any, policy: PolicyWithValueHead, tok: Any, sft_path: Path,
         tok.save_pretrained(str(out_dir))
 
 
+HELDOUT_FILE = "heldout.jsonl"  # the curve along training (ppo.eval_every)
+
+
+def heldout_prompts(cfg: Any, splits: Any, tok: Any) -> PromptSource:
+    """The evaluation's first eval.num_questions held-out questions (those the eval stage judges),
+    tokenized as RL prompts, for ``ppo.eval_every``."""
+    from stackllama.data import format_prompt
+
+    questions = eval_questions(list(splits.evaluation["question"]), int(cfg.eval.num_questions))
+    if not questions:
+        raise ValueError("ppo.eval_every needs held-out questions: the evaluation split is empty")
+    queries = [format_prompt(cfg.data.prompt_template, q) for q in questions]
+    return PromptSource(questions, queries, tok, int(cfg.ppo.max_prompt_length), int(cfg.seed))
+
+
+def heldout_summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The curve's end point and, with a gold scorer, its peak gold score and where it was."""
+    if not rows:
+        return {}
+    out = {f"heldout/{k}_end": rows[-1][k] for k in ("reward_mean", "kl_mean", "gold_mean") if k in rows[-1]}
+    out["heldout/points"] = len(rows)
+    if "gold_mean" in rows[-1]:
+        peak = max(rows, key=lambda r: r["gold_mean"])
+        out.update({"heldout/gold_max": peak["gold_mean"], "heldout/gold_max_step": peak["step"]})
+    return out
+
+
 def trainable_norm(policy: PolicyWithValueHead) -> float:
     """Sum of the trained tensors' norms (adapters and value head)."""
     return float(sum(p.detach().float().norm() for p in policy.trainable_parameters()))
@@ -113,6 +140,7 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
     prompts = PromptSource(
         list(splits.rl["question"]), list(splits.rl["query"]), tok, int(cfg.ppo.max_prompt_length), seed
     )
+    heldout = heldout_prompts(cfg, splits, tok) if int(cfg.ppo.eval_every) > 0 else None
     trainer = PPOTrainer(
         cfg.ppo,
         policy,
@@ -126,6 +154,8 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
         gold_scorer=gold,
         samples_path=ctx.run_dir / "ppo_samples.jsonl",
         mixed_precision=mixed,
+        heldout=heldout,
+        heldout_tokens=int(cfg.eval.max_new_tokens),
     )
     resumed_from = trainer.resume() if cfg.ppo.resume else 0
     history = trainer.train(on_step=lambda s: ctx.metrics.update({"ppo/last_step": s["ppo/step"]}))
@@ -138,8 +168,13 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
     with open(out_dir / "history.jsonl", "w") as fh:
         for row in history:
             fh.write(json.dumps(row) + "\n")
+    if trainer.heldout_rows:
+        with open(out_dir / HELDOUT_FILE, "w") as fh:
+            for row in trainer.heldout_rows:
+                fh.write(json.dumps(row) + "\n")
     save_policy(cfg, policy, tok, sft_path, work_dir, out_dir)
     metrics = summarize(history)
+    metrics.update(heldout_summary(trainer.heldout_rows))
     # Sweep objective: the end reward at bounded KL (overshooting ppo.target costs 1:1).
     overshoot = max(0.0, metrics.get("objective/kl_end", 0.0) - float(cfg.ppo.target))
     metrics["ppo/objective"] = metrics.get("ppo/reward_mean_end", float("nan")) - overshoot

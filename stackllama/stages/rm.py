@@ -54,13 +54,6 @@ def _shuffled(n: int, seed: int) -> list[int]:
     return order
 
 
-def clear_pairs(dataset: Any, min_margin: int) -> Any:
-    """The pairs whose chosen answer's pm_score beats the rejected one's by at least ``min_margin``."""
-    if min_margin <= 1:  # make_pairs keeps only pairs with different pm_scores: all pass
-        return dataset
-    return dataset.filter(lambda c, r: c - r >= min_margin, input_columns=["chosen_pm", "rejected_pm"])
-
-
 def encode_train_pairs(
     dataset: Any,
     tokenizer: Any,
@@ -160,7 +153,7 @@ def longer_wins_accuracy(pairs: Any) -> float:
 def reward_config(cfg: Any, ctx: Any, work_dir: Path):
     from trl import RewardConfig
 
-    from stackllama.stages.sft import checkpointing_kwargs
+    from stackllama.hf_trainer import checkpointing_kwargs
 
     rm = cfg.rm
     return RewardConfig(
@@ -227,6 +220,7 @@ def training_data(cfg: Any, tokenizer: Any) -> tuple[dict[str, list], Any, dict[
     """The reward split's pairs as token ids (clear pairs only, too-long ones dropped and counted),
     the held-out evaluation pairs, and the data metrics."""
     from stackllama.data import build_dataset
+    from stackllama.data.recipe import clear_pairs
 
     rm = cfg.rm
     template = cfg.data.prompt_template

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from stackllama import distributed, precision
+from stackllama.hf_trainer import checkpointing_kwargs
 from stackllama.models.loader import count_parameters, load_model, load_tokenizer, model_folder, torch_dtype
-from stackllama.models.merge import merge_in_memory, merged_model
+from stackllama.models.merge import merge_trained, save_plain_model
 from stackllama.stages import sft_utils
 from stackllama.tracking import trainer_callback
 
@@ -72,13 +73,13 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
     metrics["eval/perplexity"] = held_out_perplexity(cfg, ctx, model, tokenizer, held_texts)
     log.info("Held-out perplexity: %.3f -> %.3f", metrics["eval/perplexity_before"], metrics["eval/perplexity"])
 
-    merged = merge(cfg, ctx, model, base_path, work_dir)
+    merged = merge_trained(model, base_path, "causal_lm", cfg.quantization, work_dir / ADAPTER, ctx.device)
     del trainer, model
     if cfg.quantization.mode != "none":
         # The shipped model is the adapter on full-precision weights, not on the quantized ones
         # it was trained against; record what that changes.
         metrics["eval/perplexity_merged"] = held_out_perplexity(cfg, ctx, merged, tokenizer, held_texts)
-    sft_utils.save_plain_model(merged, tokenizer, out_dir)
+    save_plain_model(merged, tokenizer, out_dir)
     log_samples(cfg, ctx, merged, tokenizer, held_ds)
     return metrics
 
@@ -173,26 +174,6 @@ def training_args(cfg: Any, ctx: Any, work_dir: Path):
         packing_strategy="bfd_split",
         **checkpointing_kwargs(bool(sft.gradient_checkpointing)),
     )
-
-
-def checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
-    """Training arguments that turn activation checkpointing on or off, explicitly either way.
-
-    TRL's configs default ``gradient_checkpointing`` to True (transformers' to False), so
-    leaving the flag out when it is off still checkpoints: every layer's forward runs twice.
-    transformers 5.24 renamed it ``activation_checkpointing`` and warns on the old name,
-    even when it is False; older releases know only the old one.
-    """
-    from transformers import TrainingArguments
-
-    name = (
-        "activation_checkpointing"
-        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-        else "gradient_checkpointing"
-    )
-    if not enabled:
-        return {name: False}
-    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def make_trainer(cfg: Any, ctx: Any, model: Any, tokenizer: Any, train_ds: Any, work_dir: Path):
@@ -296,16 +277,6 @@ def train(cfg: Any, trainer: Any, work_dir: Path) -> dict[str, Any]:
         "train/padding_fraction": 1.0 - real / slots if slots else 0.0,
         "train/resumed_from_step": step,
     }
-
-
-def merge(cfg: Any, ctx: Any, model: Any, base_path: Path, work_dir: Path):
-    """The trained model as a plain one: LoRA folded into full-precision base weights."""
-    if cfg.quantization.mode == "none":
-        return merge_in_memory(model)
-    adapter_dir = work_dir / ADAPTER
-    model.save_pretrained(str(adapter_dir))
-    log.info("Merging the adapter onto the unquantized base (%s)", cfg.quantization.compute_dtype)
-    return merged_model(base_path, adapter_dir, "causal_lm", cfg.quantization.compute_dtype, device=ctx.device)
 
 
 def log_samples(cfg: Any, ctx: Any, model: Any, tokenizer: Any, held_ds: Any) -> None:

@@ -169,19 +169,6 @@ def trainable_fingerprint(model: Any) -> float:
         return float(sum(p.float().norm() for p in model.parameters() if p.requires_grad))
 
 
-# --------------------------------------------------------------------------- merging
-
-
-def save_plain_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
-    """A plain HF folder (safetensors, no quantization config) plus the tokenizer."""
-    config = model.config
-    if getattr(config, "quantization_config", None) is not None:  # never ship a stale bnb config
-        del config.quantization_config
-    config.use_cache = True  # the Trainer turns the KV cache off for training; generation wants it
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
-
-
 # --------------------------------------------------------------------------- samples
 
 
