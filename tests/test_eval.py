@@ -329,10 +329,12 @@ def test_stage_eval_with_given_models(tmp_path):
             f"ppo.policy_path={base}",
             f"ppo.reward_model_path={tiny_reward_folder()}",
             "eval.best_of_n=[1,2,4]",
+            "ppo.eval_every=1",
         ]
     )
     tracker = RecordingTracker()
     ctx = _ctx(tmp_path / "run", tracker)
+    ctx.metrics.update({"run/status": "running"})  # as run_task marks a job until it ends
     objective = ev.run(cfg, ctx)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert objective == m["eval/win_rate_vs_sft"] and 0.0 <= objective <= 1.0
@@ -345,9 +347,13 @@ def test_stage_eval_with_given_models(tmp_path):
     assert m["upstream/ppo/reused"] is False and m["upstream/sft/path"] == str(base)
     ppo_dir = Path(m["upstream/ppo/path"])
     assert (ppo_dir / "manifest.json").exists() and (ppo_dir / "history.jsonl").exists()
+    curve = [json.loads(line) for line in (ppo_dir / "heldout.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [0.0, 1.0, 2.0] and all(r["questions"] == 4 for r in curve)
+    assert m["eval/bon/4/win_rate_vs_sft"] >= 0.0 and "eval/bon/4/gold_win_rate_vs_sft" in m
     run_dir = tmp_path / "run"
     assert (run_dir / "report.md").exists() and len(list((run_dir / "figures").glob("*.png"))) == 4
-    assert (run_dir / "figures" / "kl_frontier.png").exists()  # best-of-n against sqrt(KL)
+    assert (run_dir / "figures" / "kl_frontier.png").exists()  # the curve and best-of-n against sqrt(KL)
+    assert "kl_frontier.png" in (run_dir / "report.md").read_text()
     assert len((run_dir / "eval_samples.jsonl").read_text().splitlines()) == m["eval/num_questions"]
     assert any("eval/win_rate_vs_sft" in v for v in tracker.logged)
 

@@ -172,6 +172,21 @@ def truncation_kwargs(path: str | Path, num_layers: int | None) -> dict[str, Any
     return {"num_hidden_layers": int(num_layers)}
 
 
+def load_causal_lm(cfg: Any, path: str | Path, device: Any, tokenizer: Any, gradient_checkpointing: bool = False):
+    """``path`` as the policy a Trainer fine-tunes (SFT, DPO): a causal LM in ``model.dtype`` with
+    the run's ``quantization`` and ``lora`` adapters."""
+    return load_model(
+        path,
+        "causal_lm",
+        cfg.quantization,
+        cfg.lora,
+        dtype=cfg.model.dtype,
+        device=device,
+        tokenizer=tokenizer,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
 def load_model(
     path: str | Path,
     kind: str,

@@ -29,7 +29,7 @@ from typing import Any
 
 from stackllama import distributed, precision
 from stackllama.hf_trainer import checkpointing_kwargs
-from stackllama.models.loader import count_parameters, load_model, load_tokenizer
+from stackllama.models.loader import count_parameters, load_causal_lm, load_tokenizer
 from stackllama.models.merge import merge_trained, save_plain_model
 
 log = logging.getLogger(__name__)
@@ -161,16 +161,7 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
     train_ds, eval_ds, metrics = training_pairs(cfg, tokenizer)
 
     def load() -> Any:
-        return load_model(
-            sft_path,
-            "causal_lm",
-            cfg.quantization,
-            cfg.lora,
-            dtype=cfg.model.dtype,
-            device=ctx.device,
-            tokenizer=tokenizer,
-            gradient_checkpointing=bool(cfg.dpo.gradient_checkpointing),
-        )
+        return load_causal_lm(cfg, sft_path, ctx.device, tokenizer, bool(cfg.dpo.gradient_checkpointing))
 
     model = load()
     metrics.update(count_parameters(model))

@@ -392,7 +392,7 @@ def kl_figure(cfg: Any, metrics: Mapping[str, Any], upstream: Mapping[str, Path]
     from stackllama.stages.eval import relabel
 
     policy = str(cfg.eval.policy)
-    row = {"run/status": "completed", "override:method": policy, **relabel(metrics, policy)}
+    row = {**relabel(metrics, policy), "run/status": "completed", "override:method": policy}  # (this run: "running")
     row.update({f"upstream/{name}/path": str(path) for name, path in upstream.items()})
     fig_dir.mkdir(parents=True, exist_ok=True)
     path = plot_methods_kl([row], fig_dir / "kl_frontier.png")

@@ -17,7 +17,7 @@ from typing import Any
 
 from stackllama import distributed, precision
 from stackllama.hf_trainer import checkpointing_kwargs
-from stackllama.models.loader import count_parameters, load_model, load_tokenizer, model_folder, torch_dtype
+from stackllama.models.loader import count_parameters, load_causal_lm, load_tokenizer, model_folder, torch_dtype
 from stackllama.models.merge import merge_trained, save_plain_model
 from stackllama.stages import sft_utils
 from stackllama.tracking import trainer_callback
@@ -121,17 +121,7 @@ def load_texts(cfg: Any):
 
 def load_policy(cfg: Any, ctx: Any, base_path: Path, tokenizer: Any):
     """The base causal LM with the configured quantization and LoRA adapters."""
-    model = load_model(
-        base_path,
-        "causal_lm",
-        cfg.quantization,
-        cfg.lora,
-        dtype=cfg.model.dtype,
-        device=ctx.device,
-        tokenizer=tokenizer,
-        gradient_checkpointing=bool(cfg.sft.gradient_checkpointing),
-    )
-    return model
+    return load_causal_lm(cfg, base_path, ctx.device, tokenizer, bool(cfg.sft.gradient_checkpointing))
 
 
 def held_out_perplexity(cfg: Any, ctx: Any, model: Any, tokenizer: Any, texts: list[str]) -> float:
