@@ -68,6 +68,19 @@ def _vals(dicts: list[dict[str, Any]], key: str) -> list[float]:
     return [v for d in dicts if (v := _num(d.get(key))) is not None]
 
 
+def train_seconds(row: dict[str, Any]) -> float | None:
+    """The training loop's own time: the sum of the PPO steps' (history.jsonl; no loading, merging
+    or held-out curve), or DPO's trainer time (train/seconds)."""
+    if policy_stage(row) == "dpo":
+        return _num(manifest(row).get("metrics", {}).get("train/seconds"))
+    folder = row.get("upstream/ppo/path")
+    path = Path(str(folder)) / "history.jsonl" if folder else None
+    if path is None or not path.exists():
+        return None
+    steps = [json.loads(line).get("time/ppo/step", 0.0) for line in path.read_text().splitlines() if line.strip()]
+    return float(sum(steps))
+
+
 def _mean_pm(values: list[float], binomial_n: float | None = None) -> str:
     """mean ± std over seeds; a single value ± its binomial standard error over ``binomial_n`` questions."""
     if not values:
@@ -107,7 +120,8 @@ def method_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
                 "win vs SFT (RM)": _mean_pm(_vals(jobs, "eval/win_rate_vs_sft"), n_q),
                 "win vs SFT (gold)": _mean_pm(_vals(jobs, "eval/gold_win_rate_vs_sft"), n_q),
                 "KL to SFT (nats)": _mean(_vals(jobs, "eval/kl_mean")),
-                "train s": _mean(_vals(mans, "build_seconds")),
+                "train s": _mean([v for r in jobs if (v := train_seconds(r)) is not None]),
+                "build s": _mean(_vals(mans, "build_seconds")),
                 "peak RSS MB": _mean(_vals([x.get("memory", {}) for x in mans], "memory/peak_rss_mb")),
                 "episodes (pairs) / s": _mean([v for v in throughput if v is not None]),
             }
@@ -125,7 +139,8 @@ def method_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
                 "win vs SFT (RM)": _mean_pm(_vals(jobs, f"{key}win_rate_vs_sft"), n_q),
                 "win vs SFT (gold)": _mean_pm(_vals(jobs, f"{key}gold_win_rate_vs_sft"), n_q),
                 "KL to SFT (nats)": f"{math.log(n) - (n - 1) / n:.3g} (analytic)",
-                "train s": "0 (sampling: " + _mean(_vals(jobs, "time/eval/best_of_n_s")) + " s)",
+                "train s": "0",
+                "build s": "sampling " + _mean(_vals(jobs, "time/eval/best_of_n_s")),
                 "peak RSS MB": "",
                 "episodes (pairs) / s": "",
             }
@@ -144,7 +159,9 @@ def methods_table(rows: list[dict[str, Any]]) -> str:
         "",
         "Win rates of each method's policy over an SFT sample on the held-out questions (ties ½), mean ± std over "
         "seeds (one seed: ± binomial standard error); KL to SFT as the eval stage measures it (sampled, "
-        "ppo.kl_estimator); train s, peak RSS and throughput from the policy artifact's build.",
+        "ppo.kl_estimator). train s: the training loop alone (PPO steps, DPO's trainer); build s: the whole "
+        "artifact build (loading, the held-out curve, merging, saving; best-of-n: its sampling and scoring); "
+        "peak RSS and throughput from the policy artifact's build.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

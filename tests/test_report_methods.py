@@ -18,13 +18,14 @@ def _job(tmp: Path, name: str, method: str, seed: int, win: float, gold: float, 
             {
                 "build_seconds": 100.0 + seed,
                 "memory": {"memory/peak_rss_mb": 2000.0},
-                "metrics": {"train/pairs_per_second": 1.0},
+                "metrics": {"train/pairs_per_second": 1.0, "train/seconds": 7.0},
             }
         )
     )
     if policy == "ppo":
         rows = [{"step": s, "reward_mean": -2 + s, "gold_mean": 0.2 + 0.1 * s, "kl_mean": 0.5 * s} for s in range(3)]
         (art / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (art / "history.jsonl").write_text("".join(json.dumps({"time/ppo/step": 1.5}) + "\n" for _ in range(2)))
     return {
         "job": name,
         "run/status": "completed",
@@ -63,7 +64,8 @@ def test_method_rows_aggregate_seeds_and_list_best_of_n(tmp_path):
     assert set(table) == {"ppo", "dpo", "best-of-1", "best-of-4"}  # the failed rloo job is left out
     assert table["ppo"]["seeds"] == "2" and table["ppo"]["win vs SFT (RM)"] == "0.700 ± 0.141"  # std over seeds
     assert table["dpo"]["win vs SFT (RM)"] == f"0.550 ± {math.sqrt(0.55 * 0.45 / 48):.3f}"  # one seed: binomial
-    assert table["ppo"]["KL to SFT (nats)"] == "3.5" and table["ppo"]["train s"] == "100.5"
+    assert table["ppo"]["KL to SFT (nats)"] == "3.5" and table["ppo"]["build s"] == "100.5"
+    assert table["ppo"]["train s"] == "3" and table["dpo"]["train s"] == "7"  # the loop alone
     assert table["ppo"]["peak RSS MB"] == "2000"
     assert (
         table["best-of-4"]["win vs SFT (gold)"].startswith("0.700")

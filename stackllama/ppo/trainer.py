@@ -104,6 +104,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.heldout, self.heldout_tokens = heldout, int(heldout_tokens)  # ppo.eval_every's fixed questions
         self.heldout_rows: list[dict[str, float]] = []
+        self.heldout_seconds = 0.0  # this process's time on the curve (not training: left out of ppo/ step times)
         self.seed = seed
         self.mixed_precision = mixed_precision
         self.policy = policy
@@ -244,6 +245,7 @@ class PPOTrainer:
         k3 = (r - 1) - log r, r = pi_ref(y_t) / pi(y_t) on the policy's own samples: unbiased like k1
         and never negative (sqrt(KL) is the curve's x axis). Appends the row to ``heldout_rows``."""
         hp, cfg = self.heldout, self.cfg
+        started = time.perf_counter()
         n = len(hp.questions)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # training's global RNG state is restored after
@@ -276,6 +278,7 @@ class PPOTrainer:
             row["gold_stderr"] = float(gold.std() / math.sqrt(n)) if n > 1 else 0.0
         self.heldout_rows.append(row)
         self._between_phases()
+        self.heldout_seconds += time.perf_counter() - started
         return row
 
     def _heldout_due(self, total: int) -> bool:

@@ -419,7 +419,7 @@ def evaluate(cfg: Any, ctx: Any, policy_path: Path, sft_path: Path, rm_path: Pat
     """Compare the policy under test (``eval.policy``) with SFT, record the figures, write the
     report; returns the objective."""
     from stackllama.data import build_dataset, gold_scorer
-    from stackllama.stages.eval_report import write_report
+    from stackllama.stages.eval_report import method_label, write_report
 
     started = time.time()
     policy = str(cfg.eval.policy)
@@ -459,7 +459,7 @@ def evaluate(cfg: Any, ctx: Any, policy_path: Path, sft_path: Path, rm_path: Pat
         )
     log.info(
         "eval: %s beats SFT in %.3f of %d questions (RM); reward %.3f -> %.3f; KL %.3f%s. Report: %s",
-        policy.upper(),
+        method_label(cfg),
         metrics[OBJECTIVE],
         metrics["eval/num_questions"],
         metrics["eval/reward_mean_sft"],

@@ -335,11 +335,18 @@ def comparison_rows(m: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def method_label(cfg: Any) -> str:
+    """The method that trained the policy under test: DPO, or PPO / RLOO / GRPO (``ppo.advantage``)."""
+    if str(cfg.eval.policy) != "ppo":
+        return str(cfg.eval.policy).upper()
+    return "PPO" if str(cfg.ppo.advantage) == "gae" else str(cfg.ppo.advantage).upper()
+
+
 def relabel_text(text: str, cfg: Any) -> str:
-    """The report names the policy under test by its method (``eval.policy``): written for PPO,
-    "PPO" reads "DPO" when a DPO policy is judged. (The figures' labels are drawn before.)"""
-    policy = str(cfg.eval.policy).upper()
-    return text if policy == "PPO" else text.replace("PPO", policy)
+    """The report names the policy under test by its method (``method_label``): written for PPO,
+    "PPO" reads "DPO" or "RLOO" where such a policy is judged. (The figures' labels are drawn before.)"""
+    label = method_label(cfg)
+    return text if label == "PPO" else text.replace("PPO", label)
 
 
 def upstream_rows(upstream: Mapping[str, Path], reused: Mapping[str, Any]) -> list[list[str]]:

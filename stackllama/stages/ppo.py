@@ -175,6 +175,8 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
     save_policy(cfg, policy, tok, sft_path, work_dir, out_dir)
     metrics = summarize(history)
     metrics.update(heldout_summary(trainer.heldout_rows))
+    if trainer.heldout_rows:
+        metrics["time/ppo/heldout_s"] = round(trainer.heldout_seconds, 3)  # part of the build's time, not training
     # Sweep objective: the end reward at bounded KL (overshooting ppo.target costs 1:1).
     overshoot = max(0.0, metrics.get("objective/kl_end", 0.0) - float(cfg.ppo.target))
     metrics["ppo/objective"] = metrics.get("ppo/reward_mean_end", float("nan")) - overshoot
