@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +167,15 @@ def make_tracker(
     raise ValueError(f"logger.backend={backend!r}; choose one of wandb, tensorboard, none")
 
 
-def trainer_callback(tracker: Tracker):
-    """A transformers TrainerCallback forwarding Trainer logs to ``tracker``."""
+def trainer_callback(tracker: Tracker, overrides: Callable[[], dict[str, float]] | None = None):
+    """A transformers TrainerCallback forwarding Trainer logs to ``tracker``; ``overrides()``
+    replaces the values of the keys it returns (those already in the log) first."""
     from transformers import TrainerCallback
 
     class TrackerCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and overrides is not None:
+                logs.update({k: v for k, v in overrides().items() if k in logs})
             if logs:
                 values = {}
                 for key, value in logs.items():

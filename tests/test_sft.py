@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stackllama.models.loader import model_folder
 from tests.conftest import REPO, compose_cfg
 
 QUICK = [
@@ -114,7 +115,8 @@ def test_cli_trains_merges_and_reports(tmp_path):
         assert key in metrics, key
     assert metrics["train/steps"] == 6
     assert metrics["train/resumed_from_step"] == 0
-    assert metrics["train/padding_fraction"] == 0.0  # packed: every fed token is real
+    # packed bins as rows (PackedRowsCollator): only the tails of bins shorter than the longest are padding
+    assert 0.0 <= metrics["train/padding_fraction"] < 0.05
     assert metrics["train/tokens_per_second"] > 0 and metrics["train/seconds"] > 0
     assert 0 < metrics["params/trainable"] < metrics["params/total"]  # LoRA only
     assert math.isfinite(metrics["train/loss"])
@@ -317,3 +319,38 @@ def test_token_counting_collator():
     free = TokenCountingCollator(lambda ex: {"input_ids": torch.zeros(1, 9), "position_ids": torch.zeros(1, 9)})
     free([{}])
     assert free.padding_fraction == 0.0 and free.real_tokens == 9
+    rows = TokenCountingCollator(lambda ex: {"input_ids": torch.zeros(2, 5), "position_ids": torch.zeros(2, 5)})
+    rows([{"input_ids": [1] * 5}, {"input_ids": [1] * 3}])  # two packed bins, the second padded by 2
+    assert (rows.real_tokens, rows.total_tokens) == (8, 10)
+
+
+def test_packed_rows_keep_texts_apart_and_give_the_flattened_row_s_loss():
+    """Bins as rows: position ids restart at each text, labels skip each text's first token and the
+    padding; the model's loss equals TRL's one flattened padding-free row's, and each text's
+    log-likelihood is what it gets alone (no attention across texts)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from stackllama.stages.sft_utils import PackedRowsCollator
+
+    examples = [
+        {"input_ids": [5, 6, 7, 8, 9, 10, 11], "seq_lengths": [4, 3]},
+        {"input_ids": [12, 13, 14, 15, 16], "seq_lengths": [5]},
+    ]
+    batch = PackedRowsCollator(pad_token_id=0)(examples)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, 8, -100, 10, 11], [-100, 13, 14, 15, 16, -100, -100]]
+    assert "attention_mask" not in batch  # with one, transformers would not split the rows into texts
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_folder(compose_cfg(["model=tiny"]).model))).eval()
+    with torch.no_grad():  # use_cache=False, as the Trainer runs it: with a cache transformers ignores packing
+        rows_loss = model(**batch, use_cache=False).loss
+        flat = {k: flat[k] for k in ("input_ids", "position_ids", "labels")}
+        flat_loss = model(**flat, use_cache=False).loss
+        alone = [  # each text on its own: summed NLL of its tokens after the first
+            model(input_ids=torch.tensor([t]), labels=torch.tensor([t])).loss * (len(t) - 1)
+            for t in ([5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16])
+        ]
+    torch.testing.assert_close(rows_loss, flat_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows_loss, sum(alone) / 9, rtol=1e-5, atol=1e-6)

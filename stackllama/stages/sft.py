@@ -17,6 +17,7 @@ from typing import Any
 
 from stackllama import distributed, precision
 from stackllama.hf_trainer import checkpointing_kwargs
+from stackllama.models.lm_head_logprobs import install_for_trl
 from stackllama.models.loader import count_parameters, load_causal_lm, load_tokenizer, model_folder, torch_dtype
 from stackllama.models.merge import merge_trained, save_plain_model
 from stackllama.stages import sft_utils
@@ -170,19 +171,33 @@ def make_trainer(cfg: Any, ctx: Any, model: Any, tokenizer: Any, train_ds: Any, 
     """An SFTTrainer on our already loaded model, its collator wrapped to count padding."""
     from trl import SFTTrainer
 
+    install_for_trl()  # TRL's fused LM head without Triton (CPU): ours, ~2x faster (models/lm_head_logprobs.py)
+    counter = sft_utils.TokenCountingCollator(None)  # its collator is set below, once TRL has built its own
     trainer = SFTTrainer(
         model=model,
         args=training_args(cfg, ctx, work_dir),
         train_dataset=train_ds.select_columns(["text"]),
         processing_class=tokenizer,
-        callbacks=[trainer_callback(ctx.tracker)],
+        # TRL counts a position_ids batch's tokens as its width (right for its one flattened row
+        # only): the counter's real tokens replace them in the log
+        callbacks=[trainer_callback(ctx.tracker, overrides=lambda: {"num_tokens": float(counter.real_tokens)})],
     )
     if cfg.quantization.mode != "none":
         sft_utils.cast_trainable(trainer.model, torch_dtype(cfg.quantization.compute_dtype))
-    # Wrapped after construction: SFTTrainer refuses a custom collator with padding-free
+    # Replaced after construction: SFTTrainer refuses a custom collator with padding-free
     # batches, but only builds its dataloader (reading this attribute) inside train().
-    trainer.data_collator = sft_utils.TokenCountingCollator(trainer.data_collator)
+    counter.collator = trainer.data_collator
+    if trainer.padding_free and not _varlen_attention(trainer.model):
+        counter.collator = sft_utils.PackedRowsCollator(tokenizer.pad_token_id)  # bins as rows: see its docstring
+    trainer.data_collator = counter
     return trainer
+
+
+def _varlen_attention(model: Any) -> bool:
+    """Whether the attention kernel takes TRL's one flattened padding-free row natively (flash
+    attention's varlen kernels); SDPA and eager build a dense mask over it."""
+    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+    return "flash" in impl
 
 
 def resume_checkpoint(cfg: Any, work_dir: Path) -> tuple[str | None, int]:
