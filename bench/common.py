@@ -16,9 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stackllama.memory import rss_now_mb  # one reading of VmRSS, shared with the package
-
 REPO = Path(__file__).resolve().parents[1]
+# The TRL venv's workers import this file too, and have no stackllama installed: the working tree's
+# copy is importable from here (stackllama.memory itself imports nothing beyond the standard library)
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from stackllama.memory import rss_now_mb  # noqa: E402  one reading of VmRSS, shared with the package
+
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 TRL_VENV = BENCH / ".venv-trl"
