@@ -424,6 +424,12 @@ class PPOConfig:
     # the policy, the reference and every PPO epoch: run them once per rollout and keep their
     # output (B x tokens x hidden floats). Checked against a full forward at start; off: recompute.
     cache_frozen_prefix: bool = field(default=True, metadata=not_in_key())
+    # pi_old's log-probs, entropy and values from the rollout's own forward passes (the last hidden
+    # state of each generation step, as TRL's PPO took its log-probs from generate) instead of a
+    # second policy forward over [query | response]: one full no-grad pass less per step. Used only
+    # where the two agree to float rounding (fp32 weights, no autocast, no quantized base); elsewhere,
+    # or false, the policy pass runs.
+    logprobs_from_rollout: bool = True
     # Memory: for small models the (episodes x tokens x vocabulary) logits, not the weights, set
     # the peak. The LM head runs on this many episodes at a time (checkpointed in training).
     head_chunk_size: int = field(default=1, metadata=at_least(1))

@@ -105,6 +105,42 @@ def test_batched_padded_forward_matches_single_examples():
     assert (ro.response_ids[1, 4:] == tok.pad_token_id).all()
 
 
+@pytest.mark.parametrize("lora", ["default", "none"])
+def test_rollout_hidden_states_give_the_whole_sequence_forward_s_log_probs_and_values(lora):
+    """ppo.logprobs_from_rollout: the states generation computed step by step are the ones a forward
+    over [query | response] gives (left-padded queries of different lengths, responses cut at
+    their lengths and at EOS), so pi_old's log-probs, entropy and values need no second pass."""
+    cfg = _cfg(f"lora={lora}", "ppo.stop_at_eos=true")
+    torch.manual_seed(0)
+    policy, tok = load_policy(cfg, model_folder(cfg.model), CPU)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # adapters and value head away from their zero init
+    queries = [
+        tok(f"Question: {q}\n\nAnswer: ", add_special_tokens=False)["input_ids"] for q in ("short?", *QUESTIONS[:3])
+    ]
+    ro = generate_rollout(
+        policy.generation_model(), tok, list("abcd"), queries, [9, 4, 9, 7], cfg.ppo, CPU, keep_hidden=True
+    )
+    assert ro.hidden.shape == (*ro.response_ids.shape, policy.lm.config.hidden_size)
+    with torch.no_grad():
+        full, head, values = policy(ro.input_ids, ro.attention_mask, ro.query_len)
+        want, want_ent = core.logprobs_from_hidden(full, head, ro.response_ids, with_entropy=True)
+        got, got_ent = core.logprobs_from_hidden(ro.hidden, policy.output_head(), ro.response_ids, with_entropy=True)
+        got_values = policy.values(ro.hidden)
+    m = ro.response_mask.bool()
+    torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_ent[m], want_ent[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_values[m], values[m], atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_from_rollout_only_where_exact(tmp_path):
+    assert _trainer(_cfg(), tmp_path).logprobs_from_rollout
+    assert not _trainer(_cfg("ppo.logprobs_from_rollout=false"), tmp_path).logprobs_from_rollout
+    assert not _trainer(_cfg(), tmp_path, mixed_precision="bf16").logprobs_from_rollout  # bf16 rounds differently
+
+
 def test_reference_is_the_policy_with_adapters_off():
     cfg = _cfg("lora=default")
     torch.manual_seed(0)

@@ -41,18 +41,21 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 class LogProbsWithoutLogits(torch.autograd.Function):
     """TRL's ``ChunkedLogProbFunction`` contract: ``apply(hidden (N, H), weight (V, H), bias (V,) | None,
-    targets (N,), temperature, chunk_size (unused), softcap (must be None), logit_scale, outputs)`` ->
+    targets (N,), temperature, token_chunk, softcap (must be None), logit_scale, outputs)`` ->
     (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each (N,) or None when not in
-    ``outputs``. Gradients flow through log_probs and entropy, to hidden, weight and bias."""
+    ``outputs``. Gradients flow through log_probs and entropy, to hidden, weight and bias.
+    ``token_chunk``: tokens per logits tile (TRL passes its vocabulary chunk there: the router
+    replaces it with ``TOKEN_CHUNK``); None or 0: ``TOKEN_CHUNK``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+    def forward(ctx, hidden, weight, bias, targets, temperature, token_chunk, softcap, logit_scale, outputs):
         if softcap is not None:
             raise ValueError("logit soft-capping is left to TRL's own head")
         ctx.set_materialize_grads(False)  # unused outputs (entropy for logging) send no gradient
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         inv_t = 1.0 / float(temperature)
+        chunk = int(token_chunk or TOKEN_CHUNK)
         N = hidden.shape[0]
         f32 = dict(device=hidden.device, dtype=torch.float32)
         log_z, target_z = torch.empty(N, **f32), torch.empty(N, **f32)
@@ -62,8 +65,8 @@ class LogProbsWithoutLogits(torch.autograd.Function):
         is_top1 = torch.empty(N, dtype=torch.bool, device=hidden.device) if "is_top1" in outputs else None
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            for s in range(0, N, TOKEN_CHUNK):
-                e = min(s + TOKEN_CHUNK, N)
+            for s in range(0, N, chunk):
+                e = min(s + chunk, N)
                 t = targets[s:e]
                 z = _logits(hidden[s:e].to(dtype), w, b, float(logit_scale), inv_t)  # (n, V)
                 lz = torch.logsumexp(z, -1)  # log Z = log sum_v exp(z_v)
@@ -81,6 +84,7 @@ class LogProbsWithoutLogits(torch.autograd.Function):
                         entropy[s:e] = -(logp.exp() * logp).sum(-1)  # H = -sum_v p_v log p_v
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, log_z if entropy is None else entropy)
         ctx.dtype, ctx.inv_t, ctx.scale, ctx.has_entropy = dtype, inv_t, float(logit_scale), entropy is not None
+        ctx.chunk = chunk
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
         return target_z - log_z, entropy, log_sum_sq, mean_logits, is_top1  # log p(target) = z_t - log Z
 
@@ -94,8 +98,8 @@ class LogProbsWithoutLogits(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.shape[0], TOKEN_CHUNK):
-                e = min(s + TOKEN_CHUNK, hidden.shape[0])
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                e = min(s + ctx.chunk, hidden.shape[0])
                 h = hidden[s:e].to(dtype)
                 logp = _logits(h, w, b, ctx.scale, ctx.inv_t).sub_(log_z[s:e].unsqueeze(-1))  # (n, V) log p
                 p = logp.exp()
@@ -122,6 +126,23 @@ class LogProbsWithoutLogits(torch.autograd.Function):
         )
 
 
+def logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    token_chunk: int | None = None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) and (optionally) the entropy of softmax((hidden @ W^T + b) / T): (N, H), (N,) -> (N,), (N,)."""
+    outputs = ("entropy",) if with_entropy else ()
+    logprobs, entropy, *_ = LogProbsWithoutLogits.apply(
+        hidden, weight, bias, targets, temperature, token_chunk, None, 1.0, outputs
+    )
+    return logprobs, entropy
+
+
 def install_for_trl() -> bool:
     """Route TRL's fused LM head through ``LogProbsWithoutLogits`` wherever TRL has no Triton kernel
     for the device (its torch fallback), for models without logit soft-capping. Idempotent; returns
@@ -146,11 +167,14 @@ def install_for_trl() -> bool:
 
         @staticmethod
         def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, outputs=()):
-            fn = original if (_use_triton(hidden.device) or softcap is not None) else LogProbsWithoutLogits
-            return fn.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs)
+            if _use_triton(hidden.device) or softcap is not None:
+                fn, chunk = original, chunk_size  # TRL's: its vocabulary chunk
+            else:
+                fn, chunk = LogProbsWithoutLogits, None  # ours: TOKEN_CHUNK tokens a tile
+            return fn.apply(hidden, weight, bias, targets, temperature, chunk, softcap, logit_scale, outputs)
 
     trl_utils._ChunkedLogProbFunction = Route
     return True
 
 
-__all__ = ["LogProbsWithoutLogits", "install_for_trl", "TOKEN_CHUNK"]
+__all__ = ["LogProbsWithoutLogits", "logprobs_and_entropy", "install_for_trl", "TOKEN_CHUNK"]

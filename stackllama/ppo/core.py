@@ -26,6 +26,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
+from stackllama.models.lm_head_logprobs import logprobs_and_entropy
+
 # --------------------------------------------------------------------------------------
 # Masked statistics
 # --------------------------------------------------------------------------------------
@@ -336,6 +338,20 @@ def logprobs_from_hidden(
 
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if type(head) is torch.nn.Linear:  # a plain head (not adapted, not quantized): the fused path
+        # (stackllama/models/lm_head_logprobs.py): the logits of chunk x T tokens at a time, the
+        # backward recomputing them; one weight-gradient matmul per tile, fused softmax kernels
+        B, T, H = hidden.shape
+        logps, ents = logprobs_and_entropy(
+            hidden.reshape(B * T, H).to(head.weight.dtype),
+            head.weight,
+            head.bias,
+            labels.reshape(B * T),
+            float(temperature),
+            token_chunk=chunk * T,
+            with_entropy=with_entropy,
+        )
+        return logps.view(B, T), (ents.view(B, T) if ents is not None else None)
     scale = 1.0 / float(temperature)
 
     def logits_of(h: Tensor) -> Tensor:

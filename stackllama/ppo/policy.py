@@ -182,7 +182,11 @@ class PolicyWithValueHead(nn.Module):
             model, input_ids, attention_mask, query_len, prefix, self.prefix_layers
         )  # (B, R, H)
         values = self.values(resp_hidden) if with_values else None  # (B, R)
-        return resp_hidden, model.get_output_embeddings(), values
+        return resp_hidden, self.output_head(), values
+
+    def output_head(self) -> nn.Module:
+        """The policy's LM head (adapted when lora.target_modules includes lm_head)."""
+        return self._causal_lm().get_output_embeddings()
 
     def values(self, resp_hidden: torch.Tensor) -> torch.Tensor:
         """V(s_t) from the response hidden states: (B, R, H) -> (B, R)."""

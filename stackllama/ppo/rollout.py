@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from stackllama.models.padding import pad
+from stackllama.ppo.policy import decoder_of
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class Rollout:
     responses: list[str]  # decoded responses (masked tokens dropped)
     ended: torch.Tensor  # (B,) bool: the counted tokens end with EOS (stop_at_eos only; else all False)
     prefix: torch.Tensor | None = None  # (B, Q+R, H) output of the frozen bottom layers, set by the no-grad pass
+    # (B, R, H) the policy's last hidden states that predicted each response token, as generation
+    # computed them (keep_hidden): pi_old's log-probs and values without another forward pass
+    hidden: torch.Tensor | None = None
 
     @property
     def query_len(self) -> int:
@@ -76,8 +80,17 @@ def generate_rollout(
     lengths: list[int],
     ppo_cfg: Any,
     device: torch.device,
+    keep_hidden: bool = False,
 ) -> Rollout:
-    """Sample responses for a batch of prompts with the article's sampling settings."""
+    """Sample responses for a batch of prompts with the article's sampling settings.
+
+    ``keep_hidden``: also keep, from each generation step, the final-norm output at the position
+    that predicts the next token (a forward hook: one (B, H) row a step, not the per-layer states
+    ``output_hidden_states`` would hold). Step 0 (the prompt) predicts response token 0 from the
+    last query column, step t the token t from token t - 1: exactly the (B, R, H) states a forward
+    over [query | response] gives at columns Q-1 .. Q+R-2 (``policy.response_hidden``), up to
+    float rounding (incremental vs whole-sequence matmuls).
+    """
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
     q_ids, q_mask = left_pad(query_ids, pad_id)
@@ -98,8 +111,16 @@ def generate_rollout(
         gen_kwargs["eos_token_id"] = None
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=q_ids, attention_mask=q_mask, **gen_kwargs)  # (B, Q+R')
-    model.train(was_training)
+    steps: list[torch.Tensor] = []
+    hook = None
+    if keep_hidden:
+        hook = decoder_of(model).norm.register_forward_hook(lambda _m, _i, out: steps.append(out[:, -1].detach()))
+    try:
+        out = model.generate(input_ids=q_ids, attention_mask=q_mask, **gen_kwargs)  # (B, Q+R')
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
     response_ids = out[:, q_ids.shape[1] :]  # (B, R') R' <= max_len when all rows stop early
     if response_ids.shape[1] < max_len:
         fill = torch.full((len(lengths), max_len - response_ids.shape[1]), pad_id, device=device)
@@ -107,6 +128,12 @@ def generate_rollout(
     r_mask = response_mask_from(response_ids.cpu(), lengths, eos_id, bool(ppo_cfg.stop_at_eos)).to(device)
     response_ids = torch.where(r_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
     responses = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response_ids, r_mask)]
+    hidden = None
+    if keep_hidden:
+        hidden = torch.stack(steps[:max_len], 1)  # (B, R', H): one state per generated token
+        if hidden.shape[1] < max_len:  # generation stopped early: the rest is masked out anyway
+            B, done, H = hidden.shape
+            hidden = torch.cat([hidden, hidden.new_zeros(B, max_len - done, H)], 1)
     ended = torch.zeros(len(lengths), dtype=torch.bool)
     if ppo_cfg.stop_at_eos and eos_id is not None:
         last = (r_mask.sum(1) - 1).clamp(min=0).cpu()  # index of each response's last counted token
@@ -120,4 +147,5 @@ def generate_rollout(
         response_mask=r_mask,
         responses=responses,
         ended=ended,
+        hidden=hidden,
     )

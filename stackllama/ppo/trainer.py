@@ -132,6 +132,7 @@ class PPOTrainer:
         self.skipped_nonfinite = 0  # micro-batches and updates dropped for a NaN/inf loss, ratio or gradient norm
         self.nonfinite_streak = 0  # mini-batches in a row with no update because of one (ppo.max_nonfinite_skips)
         self.history: list[dict[str, float]] = []
+        self.logprobs_from_rollout = bool(cfg.logprobs_from_rollout) and self._rollout_states_exact()
 
     # ------------------------------------------------------------------ one PPO step
     def step(self) -> dict[str, float]:
@@ -153,6 +154,7 @@ class PPOTrainer:
                 lengths,
                 cfg,
                 self.device,
+                keep_hidden=self.logprobs_from_rollout,
             )
         mask = ro.response_mask.float()  # (B, R)
         self._between_phases()
@@ -259,6 +261,7 @@ class PPOTrainer:
                     [self.heldout_tokens] * n,
                     cfg,
                     self.device,
+                    keep_hidden=self.logprobs_from_rollout,
                 )
             logprobs, _, ref_logprobs, _ = self._forward_no_grad(ro)  # (n, R) each
         mask = ro.response_mask.float().to(logprobs.device)
@@ -306,6 +309,15 @@ class PPOTrainer:
             scores = scores.clamp(-float(cfg.score_clip), float(cfg.score_clip))
         return scores
 
+    def _rollout_states_exact(self) -> bool:
+        """Whether generation's hidden states equal a whole-sequence forward's up to fp32 rounding:
+        fp32 weights and no autocast (bf16 rounds differently in the two), no quantized base (int8
+        picks its outlier columns from the whole batch of activations)."""
+        lm = self.policy._causal_lm()
+        quantized = getattr(lm, "hf_quantizer", None) is not None or bool(getattr(lm, "is_quantized", False))
+        head = lm.get_output_embeddings()
+        return self.mixed_precision == "no" and not quantized and head.weight.dtype == torch.float32
+
     def _autocast(self) -> Any:
         """Mixed precision for the backbone passes. The LM head and log-softmax stay outside it, in
         the weights' dtype: bf16 logits are rounded by up to ~0.06 at typical magnitudes, enough
@@ -329,7 +341,10 @@ class PPOTrainer:
             resp = ro.response_ids[s : s + n]  # (b, R)
             with self._autocast():
                 prefix = self.policy.prefix(ids, att)  # (b, Q+R, H) after the frozen layers, or None
-                hidden, head, _ = self.policy(ids, att, Q, with_values=False, prefix=prefix)  # (b, R, H), LM head
+                if ro.hidden is not None:  # the states generation computed (ppo.logprobs_from_rollout)
+                    hidden, head = ro.hidden[s : s + n], self.policy.output_head()  # (b, R, H), LM head
+                else:
+                    hidden, head, _ = self.policy(ids, att, Q, with_values=False, prefix=prefix)  # (b, R, H)
             values = self.policy.values(hidden)  # (b, R), outside autocast as in training
             logprobs, entropy = core.logprobs_from_hidden(hidden, head, resp, chunk, with_entropy=True, temperature=T)
             del hidden
@@ -344,6 +359,7 @@ class PPOTrainer:
             self._between_phases()
         # kept for the PPO epochs: the frozen layers' output does not change while the adapters train
         ro.prefix = torch.cat(out["prefix"]) if out["prefix"] else None
+        ro.hidden = None  # used: the epochs' forwards run with gradients
         return tuple(torch.cat(out[k]).float() for k in ("logprobs", "values", "ref", "entropy"))
 
     def _micro_batch_loss(self, b: TrainBatch, i: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
