@@ -43,8 +43,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 RESULTS = common.RESULTS / "ppo.json"
 SIDES = ("ours", "trl")
-TARGET_SPEED = 1.5  # ours/TRL episodes/s at least this
-TARGET_MEMORY = 0.6  # ours/TRL peak RSS at most this
+TARGET_SPEED = 2.0  # ours/TRL episodes/s at least this (issue 18: at SmolLM2 scale)
+TARGET_MEMORY = 0.5  # ours/TRL peak RSS at most this
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}  # conf/lora/default.yaml
 
 
@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-coef", type=float, default=0.05)
     p.add_argument("--repeats", type=int, default=2, help="runs per side and setting, alternated")
     p.add_argument("--finetune", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="both sides under bf16 autocast (ours: mixed_precision=bf16, TRL: bf16=True); fp32 weights either way",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--ours",
@@ -121,6 +127,8 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
         "seed": args.seed,
         "lora": LORA,
         "ours_overrides": list(args.ours),
+        "precision": "bf16" if args.bf16 else "no",
+        "device": args.device,
     }
 
 
@@ -159,11 +167,11 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
         "ppo.save_every=0",
         f"ppo.reward_batch_size={B}",
         "ppo.max_prompt_length=1024",
-        "mixed_precision=no",  # TRL's side runs fp32; --ours mixed_precision=bf16 for our bf16 figure
+        f"mixed_precision={spec.get('precision', 'no')}",  # as TRL's side (--bf16: both bf16 autocast)
         *spec.get("ours_overrides", []),
     ]
     cfg = common.compose(overrides)
-    device = torch.device("cpu")
+    device = torch.device(spec.get("device", "cpu"))
     t0 = time.perf_counter()
     torch.manual_seed(spec["seed"])
     policy, tok = load_policy(cfg, Path(spec["base_model"]), device)
@@ -205,6 +213,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
         "rss_preload_mb": rss_preload,
         "rss_loaded_mb": rss_loaded,
         "peak_rss_mb": common.peak_rss_mb(),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "time_split_s": {
             "rollout": split["rollout"],
             "score": split["score"],
@@ -338,10 +347,10 @@ def worker_trl(spec: dict, finetune: str) -> dict:
             report_to="none",
             save_strategy="no",
             logging_steps=1,
-            bf16=False,
+            bf16=spec.get("precision") == "bf16",
             fp16=False,
             gradient_checkpointing=False,
-            use_cpu=True,
+            use_cpu=spec.get("device", "cpu") == "cpu",
             seed=spec["seed"],
             disable_tqdm=False,
         )
@@ -373,6 +382,7 @@ def worker_trl(spec: dict, finetune: str) -> dict:
         "rss_preload_mb": rss_preload,
         "rss_loaded_mb": rss_loaded,
         "peak_rss_mb": common.peak_rss_mb(),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "time_split_s": {
             "rollout": phase["rollout"],
             "score": phase["score"],
@@ -584,6 +594,8 @@ def run(args: argparse.Namespace) -> dict:
                 "kl_coef",
                 "repeats",
                 "finetune",
+                "bf16",
+                "device",
             )
         },
         "notes": [

@@ -188,6 +188,15 @@ def load_average() -> list[float]:
         return []
 
 
+def _cpu_bf16() -> bool | None:
+    """avx512_bf16 / amx_bf16 in /proc/cpuinfo (stackllama.precision's test); None where unreadable (TRL venv)."""
+    try:
+        from stackllama.precision import cpu_has_fast_bf16
+    except ImportError:  # stackllama.precision imports torch: present in both venvs, but be safe
+        return None
+    return bool(cpu_has_fast_bf16())
+
+
 def machine_info() -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -201,6 +210,7 @@ def machine_info() -> dict[str, Any]:
 
     info = {
         "cpu_model": cpu_model(),
+        "cpu_bf16_instructions": _cpu_bf16(),
         "cpu_cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
@@ -222,18 +232,20 @@ def machine_info() -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- TRL venv
 def trl_python() -> Path:
-    return TRL_VENV / "bin" / "python"
+    """The interpreter of the TRL 1.12 side: $STACKLLAMA_TRL_PYTHON where set (a machine with no
+    package registry, as bench/gpu_check.sh sets up from carried wheels), else bench/.venv-trl's."""
+    override = os.environ.get("STACKLLAMA_TRL_PYTHON")
+    return Path(override) if override else TRL_VENV / "bin" / "python"
 
 
 def _trl_venv_ok() -> bool:
     py = trl_python()
     if not py.exists():
         return False
-    probe = (
-        "import importlib.metadata as m, sys; "
-        f"ok = m.version('trl') == '{TRL_VERSION}' and m.version('transformers') == '{TRANSFORMERS_VERSION}'; "
-        "import trl.experimental.ppo; sys.exit(0 if ok else 1)"
-    )
+    ok = f"m.version('trl') == '{TRL_VERSION}'"
+    if not os.environ.get("STACKLLAMA_TRL_PYTHON"):  # an interpreter given there shares the machine's transformers
+        ok += f" and m.version('transformers') == '{TRANSFORMERS_VERSION}'"
+    probe = f"import importlib.metadata as m, sys; ok = {ok}; import trl.experimental.ppo; sys.exit(0 if ok else 1)"
     return subprocess.run([str(py), "-c", probe], capture_output=True, timeout=300).returncode == 0
 
 
@@ -246,6 +258,8 @@ def ensure_trl_venv(rebuild: bool = False) -> Path:
     """
     if not rebuild and _trl_venv_ok():
         return trl_python()
+    if os.environ.get("STACKLLAMA_TRL_PYTHON"):
+        raise RuntimeError(f"$STACKLLAMA_TRL_PYTHON={trl_python()} does not import trl=={TRL_VERSION}'s PPOTrainer")
     log(f"creating {TRL_VENV} (trl=={TRL_VERSION}); this takes a few minutes once")
     if rebuild and TRL_VENV.exists():
         import shutil

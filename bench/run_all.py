@@ -323,9 +323,20 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             print("run_all --gpu: no CUDA device visible; the GPU variant only runs on a GPU machine.")
             return
-        step = run_step("hardware_gpu", [[sys.executable, str(common.BENCH / "bench_hardware.py"), "--gpu"]])
-        print((R / "hardware_gpu.log").read_text()[-4000:])
-        if not step["ok"]:
+        steps = [
+            run_step("hardware_gpu", [[sys.executable, str(common.BENCH / "bench_hardware.py"), "--gpu"]]),
+            run_step(  # PPO vs TRL 1.12 on the GPU, bf16 autocast on both sides
+                "ppo_gpu",
+                [
+                    [sys.executable, str(common.BENCH / "bench_ppo.py"), "--device", "cuda", "--bf16"]
+                    + ["--model", "smollm2-135m", "--steps", "4", "--batch-size", "16", "--repeats", "2"]
+                    + ["--output", str(R / "ppo_gpu.json")]
+                ],
+            ),
+        ]
+        for name in ("hardware_gpu", "ppo_gpu"):
+            print((R / f"{name}.log").read_text()[-4000:])
+        if not all(step["ok"] for step in steps):
             sys.exit(1)
         return
 

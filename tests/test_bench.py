@@ -15,3 +15,36 @@ def test_bench_common_imports_where_stackllama_is_not_installed(tmp_path):
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_gpu_check_runs_every_step_on_cpu_in_smoke_mode(tmp_path):
+    """bench/gpu_check.sh's CPU-safe parts: the pipeline, int8 and NF4 PPO, the ~1B memory step (at a tiny
+    shape), each recorded with its stages' manifests; the GPU benchmark is skipped without CUDA."""
+    import json
+    import os
+
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), "--smoke", "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    steps = report["steps"]
+    assert report["smoke"] and report["device"] == "cpu"
+    assert {k: v["status"] for k, v in steps.items()} == {
+        "stage_all": "ok",
+        "ppo_int8": "ok",
+        "ppo_nf4": "ok",
+        "bench_gpu": "skipped",
+        "memory_1b": "ok",
+    }, {k: v.get("error") for k, v in steps.items()}
+    assert set(steps["stage_all"]["stages"]) >= {"sft", "rm", "ppo"}
+    for name in ("ppo_int8", "ppo_nf4", "memory_1b"):  # each run's own PPO build is measured
+        ppo = steps[name]["stages"]["ppo"]
+        assert ppo["gb_per_b_params"] > 0 and ppo["params"] > 0 and ppo["build_seconds"] > 0
+    assert "eval/win_rate_vs_sft" in steps["stage_all"]["figures"]
