@@ -354,3 +354,20 @@ def test_packed_rows_keep_texts_apart_and_give_the_flattened_row_s_loss():
         ]
     torch.testing.assert_close(rows_loss, flat_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rows_loss, sum(alone) / 9, rtol=1e-5, atol=1e-6)
+
+
+def test_tracker_callback_replaces_the_keys_it_is_given():
+    """SFT replaces TRL's num_tokens (the width of a position_ids batch) with the counted real tokens."""
+    from types import SimpleNamespace
+
+    from stackllama.tracking import Tracker, trainer_callback
+
+    seen = []
+
+    class Recorder(Tracker):
+        def log(self, values, step=None):
+            seen.append((dict(values), step))
+
+    callback = trainer_callback(Recorder(), overrides=lambda: {"num_tokens": 1234.0, "absent": 1.0})
+    callback.on_log(None, SimpleNamespace(global_step=3), None, logs={"num_tokens": 256, "loss": 2.5})
+    assert seen == [({"train/num_tokens": 1234.0, "train/loss": 2.5}, 3)]
