@@ -347,6 +347,10 @@ class PPOConfig:
     micro_batch_size: Optional[int] = field(default=None, metadata=at_least(1))
     ppo_epochs: int = field(default=4, metadata=at_least(1))
     learning_rate: float = field(default=1.4e-5, metadata=positive())
+    # adamw: torch's fused AdamW, fp32 moments (TRL's). adamw_8bit: bitsandbytes' AdamW8bit, the two
+    # moments block-quantized to 8 bits (2 bytes a parameter instead of 8): for full fine-tuning,
+    # where the moments are the largest allocation; the update's numerics differ slightly.
+    optimizer: str = "adamw"
     max_grad_norm: float = field(default=1.0, metadata=positive())
     # Rollout
     max_prompt_length: int = field(default=256, metadata=at_least(1))  # longer prompts are skipped and counted
@@ -557,6 +561,7 @@ CHOICES = {
     "ppo.kl_estimator": ("k1", "k2", "k3", "abs"),
     "ppo.score_normalize": ("none", "sft", "running"),
     "ppo.advantage": ("gae", "rloo", "grpo"),
+    "ppo.optimizer": ("adamw", "adamw_8bit"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge"),
     "eval.policy": POLICY_STAGES,
     "device": ("auto", "cpu", "cuda"),

@@ -469,3 +469,17 @@ def test_heldout_curve_is_measured_without_changing_training(tmp_path):
     assert curved[-1]["heldout/kl_mean"] == rows[-1]["kl_mean"]
     for a, b in zip(plain, curved):
         assert a["env/reward_mean"] == b["env/reward_mean"] and a["ppo/loss/total"] == b["ppo/loss/total"]
+
+
+def test_adamw_8bit_keeps_8_bit_moments_and_updates_the_weights(tmp_path):
+    """ppo.optimizer=adamw_8bit (full fine-tuning's memory): bitsandbytes' moments are uint8, and a
+    step moves the policy as fp32 AdamW's first step does (sign(g) * lr for every weight)."""
+    cfg = _cfg("lora=none", "ppo.optimizer=adamw_8bit", "ppo.learning_rate=1e-3", "ppo.ppo_epochs=1")
+    policy, tok = _policy(cfg)
+    trainer = _trainer(cfg, policy, tok, lambda q, a: torch.tensor([float(len(x)) for x in a]), tmp_path)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    trainer.step()
+    big = [trainer.optimizer.state[p] for p in policy.parameters() if p.requires_grad and p.numel() >= 4096]
+    assert big and all(s["state1"].dtype == torch.uint8 for s in big)  # bnb keeps fp32 moments below 4096
+    moved = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(moved) > len(before) // 2
