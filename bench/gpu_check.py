@@ -99,7 +99,7 @@ def run_cli(overrides: list[str], run_dir: Path, timeout: float, env: dict[str, 
     return out
 
 
-def stage_figures(metrics: dict[str, Any], params_key_device: str) -> dict[str, Any]:
+def stage_figures(metrics: dict[str, Any], memory_kind: str) -> dict[str, Any]:
     """Each built stage's build time, peak memory and GB per billion parameters, from its manifest."""
     out: dict[str, Any] = {}
     folders = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("upstream/") and k.endswith("/path")}
@@ -112,7 +112,7 @@ def stage_figures(metrics: dict[str, Any], params_key_device: str) -> dict[str, 
         manifest = json.loads(manifest_path.read_text())
         memory = manifest.get("memory", {})
         params = metrics.get(f"{stage}/params/total") or manifest.get("metrics", {}).get("params/total")
-        peak = memory.get(f"memory/peak_{params_key_device}_mb")
+        peak = memory.get(f"memory/peak_{memory_kind}_mb")  # cuda or rss
         row = {"build_seconds": manifest.get("build_seconds"), "params": params, **memory}
         if peak and params:
             row["gb_per_b_params"] = round(peak / 1024 / (params / 1e9), 3)

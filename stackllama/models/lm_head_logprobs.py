@@ -36,7 +36,8 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     z = hidden @ weight.t()
     if bias is not None:
         z = z + bias
-    return z.float().mul_(scale * inv_t)
+    z = z.float()
+    return z if scale * inv_t == 1.0 else z.mul_(scale * inv_t)  # one pass over (n, V) less at T = 1
 
 
 class LogProbsWithoutLogits(torch.autograd.Function):
@@ -103,15 +104,18 @@ class LogProbsWithoutLogits(torch.autograd.Function):
                 h = hidden[s:e].to(dtype)
                 logp = _logits(h, w, b, ctx.scale, ctx.inv_t).sub_(log_z[s:e].unsqueeze(-1))  # (n, V) log p
                 p = logp.exp()
-                grad = torch.zeros_like(p)  # dL/dz, (n, V)
-                if g_entropy is not None and ctx.has_entropy:
-                    # dH/dz_j = -p_j (log p_j + H)
-                    grad.sub_(p * logp.add_(entropy[s:e].unsqueeze(-1)) * g_entropy[s:e].float().unsqueeze(-1))
-                if g_logprobs is not None:
+                if g_logprobs is not None:  # dL/dz, (n, V)
                     # d log p_t / dz_j = 1[j = t] - p_j
                     g = g_logprobs[s:e].float().unsqueeze(-1)
-                    grad.sub_(p.mul_(g)).scatter_add_(-1, targets[s:e].unsqueeze(-1), g)
-                grad = grad.mul_(factor).to(dtype)
+                    grad = (p * -g).scatter_add_(-1, targets[s:e].unsqueeze(-1), g)
+                else:
+                    grad = torch.zeros_like(p)
+                if g_entropy is not None and ctx.has_entropy:
+                    # dH/dz_j = -p_j (log p_j + H)
+                    grad.sub_(p.mul_(logp.add_(entropy[s:e].unsqueeze(-1))).mul_(g_entropy[s:e].float().unsqueeze(-1)))
+                if factor != 1.0:
+                    grad.mul_(factor)
+                grad = grad.to(dtype)
                 if grad_h is not None:
                     grad_h[s:e] = grad @ w
                 if grad_w is not None:

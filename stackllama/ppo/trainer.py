@@ -325,8 +325,8 @@ class PPOTrainer:
         picks its outlier columns from the whole batch of activations)."""
         lm = self.policy._causal_lm()
         quantized = getattr(lm, "hf_quantizer", None) is not None or bool(getattr(lm, "is_quantized", False))
-        head = lm.get_output_embeddings()
-        return self.mixed_precision == "no" and not quantized and head.weight.dtype == torch.float32
+        fp32_head = self.policy.output_head().weight.dtype == torch.float32
+        return self.mixed_precision == "no" and not quantized and fp32_head
 
     def _autocast(self) -> Any:
         """Mixed precision for the backbone passes. The LM head and log-softmax stay outside it, in
