@@ -142,7 +142,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
     from stackllama.ppo import trainer as our_trainer
     from stackllama.ppo.trainer import PPOTrainer
     from stackllama.reward import RewardScorer
-    from stackllama.stages.ppo import load_policy
+    from stackllama.stages.ppo import load_policy, offload_frozen
 
     rss_preload = common.rss_now_mb()
     sampler = common.RssSampler()
@@ -182,13 +182,15 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
         template=spec["template"],
         mixed_precision=cfg.mixed_precision,
     )
+    params = sum(p.numel() for p in policy.parameters()) + sum(p.numel() for p in scorer.model.parameters())
     prompts = PromptSource(spec["questions"], spec["queries"], tok, 1024, spec["seed"])
     with tempfile.TemporaryDirectory(prefix="bench_ppo_ours_") as tmp:
+        score, _ = offload_frozen(cfg, policy, scorer, Path(tmp) / "offload")  # as the stage (ppo.offload_ref_reward)
         trainer = PPOTrainer(
             cfg.ppo,
             policy,
             tok,
-            sampler.wrap(scorer.score, lambda *a, **k: "score"),
+            sampler.wrap(score, lambda *a, **k: "score"),
             prompts,
             device,
             spec["seed"],
@@ -226,7 +228,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
         "rss_peak_by_phase_first_step_mb": sampler.first_cycle,
         "response_len_mean": statistics.mean(h["tokens/response_len_mean"] for h in history),
         "reward_mean_last": history[-1]["env/reward_mean"],
-        "params": sum(p.numel() for p in policy.parameters()) + sum(p.numel() for p in scorer.model.parameters()),
+        "params": params,
         "trainable_params": sum(p.numel() for p in policy.trainable_parameters()),
     }
     if profile_table is not None:

@@ -435,11 +435,17 @@ class PPOConfig:
     # where the two agree to float rounding (fp32 weights, no autocast, no quantized base); elsewhere,
     # or false, the policy pass runs.
     logprobs_from_rollout: bool = True
+    # Memory, full fine-tuning: keep the frozen reference copy and the reward model out of memory
+    # except for their passes (once a step each), on CPU in a safetensors file in the stage's work
+    # dir, on CUDA in host memory (OpenRLHF's --ref_reward_offload). The run is bit-for-bit the same;
+    # each use costs a read of the weights (stackllama/models/offload.py). With LoRA only the reward
+    # model moves (the reference is the policy's own base). Needs quantization.mode=none.
+    offload_ref_reward: bool = field(default=False, metadata=not_in_key())
     # Memory: for small models the (episodes x tokens x vocabulary) logits, not the weights, set
     # the peak. The LM head runs on this many episodes at a time (checkpointed in training).
     head_chunk_size: int = field(default=1, metadata=at_least(1))
-    # CPU + glibc only: hand freed heap memory back to the OS between phases (rollout, no-grad
-    # pass, optimisation), which otherwise each keep a freed heap (bench_ppo.py: see bench/README).
+    # CPU + glibc only: hand freed heap memory back to the OS between phases (rollout, each no-grad
+    # mini-batch, each optimizer update), which otherwise each keep a freed heap (bench/README.md).
     malloc_trim: bool = True
     # CPU + glibc only: allocations above this many MiB are mmapped and returned on free: lowest
     # peak RSS, but each costs fresh page faults (1 MiB: 1.8x slower PPO on the tiny model).
@@ -660,6 +666,12 @@ def _cross_field_problems(cfg: Any, bad: set[str]) -> list[str]:
     if ok("ppo.advantage", "ppo.samples_per_prompt") and ppo.advantage != "gae" and ppo.samples_per_prompt < 2:
         problems.append(
             f"ppo.advantage={ppo.advantage} compares the responses to one prompt: set ppo.samples_per_prompt >= 2"
+        )
+    if ok("ppo.offload_ref_reward", "quantization.mode") and ppo.offload_ref_reward and cfg.quantization.mode != "none":
+        problems.append(
+            f"ppo.offload_ref_reward=true moves unquantized weights; quantization.mode={cfg.quantization.mode} "
+            "keeps its own quantized state (and is small already): set quantization.mode=none or "
+            "ppo.offload_ref_reward=false"
         )
     if ok("ppo.mixed_precision") and ppo.mixed_precision not in (None, *MIXED_PRECISION):
         problems.append(

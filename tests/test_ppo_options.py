@@ -483,3 +483,15 @@ def test_adamw_8bit_keeps_8_bit_moments_and_updates_the_weights(tmp_path):
     assert big and all(s["state1"].dtype == torch.uint8 for s in big)  # bnb keeps fp32 moments below 4096
     moved = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert len(moved) > len(before) // 2
+
+
+def test_gradients_are_freed_after_each_update(tmp_path):
+    """Full fine-tuning's gradients are a weights-sized allocation: none may be held after a PPO step
+    (through the next rollout, scoring and no-grad pass), while the update still landed."""
+    cfg = _cfg("lora=none", "ppo.learning_rate=1e-3", "ppo.ppo_epochs=1")
+    policy, tok = _policy(cfg)
+    trainer = _trainer(cfg, policy, tok, lambda q, a: torch.tensor([float(len(x)) for x in a]), tmp_path)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    trainer.step()
+    assert all(p.grad is None for p in policy.trainable_parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters() if p.requires_grad)

@@ -118,6 +118,7 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
         self.reference = reference
+        self.reference_offload: Any = None  # an models.offload.Offloaded of the copy (ppo.offload_ref_reward)
         self.has_adapters = hasattr(lm, "disable_adapter")
         if reference is None and not self.has_adapters:
             raise ValueError("a policy without LoRA adapters needs a separate frozen reference model")
@@ -191,6 +192,10 @@ class PolicyWithValueHead(nn.Module):
     def values(self, resp_hidden: torch.Tensor) -> torch.Tensor:
         """V(s_t) from the response hidden states: (B, R, H) -> (B, R)."""
         return self.v_head(resp_hidden.to(self.v_head.weight.dtype)).squeeze(-1)
+
+    def reference_resident(self) -> Any:
+        """Context in which the reference's weights are in memory (always, unless offloaded)."""
+        return self.reference_offload.resident() if self.reference_offload is not None else contextlib.nullcontext()
 
     @torch.no_grad()
     def reference_hidden(

@@ -21,6 +21,7 @@ from stackllama.data import build_dataset, gold_scorer
 from stackllama.data.prompts import PromptSource, eval_questions
 from stackllama.models.loader import count_parameters, load_model, load_tokenizer
 from stackllama.models.merge import merge_adapter_into_base
+from stackllama.models.offload import Offloaded
 from stackllama.ppo.policy import PolicyWithValueHead
 from stackllama.ppo.trainer import PPOTrainer, summarize
 from stackllama.reward import RewardScorer
@@ -49,6 +50,24 @@ def load_policy(cfg: Any, sft_path: Path, device: torch.device) -> tuple[PolicyW
     policy = PolicyWithValueHead(lm, reference, cache_frozen_prefix=bool(cfg.ppo.cache_frozen_prefix)).to(device)
     policy.eval()  # no dropout in rollouts, old log-probs or updates: ratios start at exactly 1
     return policy, tok
+
+
+def offload_frozen(
+    cfg: Any, policy: PolicyWithValueHead, reward: RewardScorer, folder: Path
+) -> tuple[Any, list[Offloaded]]:
+    """``ppo.offload_ref_reward``: the reference copy (full fine-tuning) and the reward model kept in
+    ``folder`` (CPU) or host memory (CUDA) between their passes. Returns the score function to train
+    with (``reward.score``, the reward model's weights brought in for each call when offloaded) and
+    the offloaded models (``close()`` each when done)."""
+    if not cfg.ppo.offload_ref_reward:
+        return reward.score, []
+    rank = distributed.current().rank  # one file per process: data-parallel ranks share the work dir
+    suffix = f".rank{rank}" if rank else ""
+    offloaded = [Offloaded(reward.model, folder, "reward_model" + suffix)]
+    if policy.reference is not None:
+        policy.reference_offload = Offloaded(policy.reference, folder, "reference" + suffix)
+        offloaded.append(policy.reference_offload)
+    return offloaded[0].wrap(reward.score), offloaded
 
 
 def save_policy(cfg: Any, policy: PolicyWithValueHead, tok: Any, sft_path: Path, work_dir: Path, out_dir: Path) -> None:
@@ -137,6 +156,7 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
         quant_cfg=cfg.quantization,
         mixed_precision=mixed,
     )
+    score, offloaded = offload_frozen(cfg, policy, reward, work_dir / "offload")
     prompts = PromptSource(
         list(splits.rl["question"]), list(splits.rl["query"]), tok, int(cfg.ppo.max_prompt_length), seed
     )
@@ -145,7 +165,7 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
         cfg.ppo,
         policy,
         tok,
-        reward.score,
+        score,
         prompts,
         ctx.device,
         seed,
@@ -158,7 +178,11 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
         heldout_tokens=int(cfg.eval.max_new_tokens),
     )
     resumed_from = trainer.resume() if cfg.ppo.resume else 0
-    history = trainer.train(on_step=lambda s: ctx.metrics.update({"ppo/last_step": s["ppo/step"]}))
+    try:
+        history = trainer.train(on_step=lambda s: ctx.metrics.update({"ppo/last_step": s["ppo/step"]}))
+    finally:
+        for model in offloaded:  # this rank's copies of the offloaded weights
+            model.close()
     trainer.save()
     # this rank's own figure (the published metrics are rank 0's): equal on all ranks when in sync
     ctx.metrics.update({"rank/ppo/trainable_norm": trainable_norm(policy)})
