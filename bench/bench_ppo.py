@@ -66,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="both sides under bf16 autocast (ours: mixed_precision=bf16, TRL: bf16=True); fp32 weights either way",
     )
+    p.add_argument(
+        "--cpu-isa",
+        default="native",
+        choices=["native", *common.CPU_ISA_ENV],
+        help="cap the instruction set both sides' kernels use (avx2: an AVX2-only CPU's code paths)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--ours",
@@ -409,7 +415,9 @@ def run_worker(args: argparse.Namespace) -> None:
         out = worker_ours(spec, finetune, bool(spec.get("profile")))
     else:
         out = worker_trl(spec, finetune)
-    out.update({"side": args.worker, "finetune": finetune, "python": sys.executable})
+    out.update(
+        {"side": args.worker, "finetune": finetune, "python": sys.executable, "cpu_capability": common.cpu_capability()}
+    )
     common.write_json(args.result, out)
 
 
@@ -625,6 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         run_worker(args)
         return
+    common.limit_cpu_isa(args.cpu_isa)  # before torch: the workers inherit the environment
     sys.path.insert(0, str(common.REPO))
     run(args)
 

@@ -197,6 +197,29 @@ def _cpu_bf16() -> bool | None:
     return bool(cpu_has_fast_bf16())
 
 
+# Environment variables that cap the instruction set torch's own kernels, MKL and oneDNN dispatch to.
+# With "avx2" a CPU that has AVX-512 / AVX512-BF16 / AMX runs the code paths an AVX2-only CPU runs
+# (not its clock, cache or memory bandwidth): how ratios measured here are checked for such machines.
+CPU_ISA_ENV = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+
+
+def limit_cpu_isa(name: str) -> None:
+    """Cap this process's (and its workers') CPU instruction set; call before torch is imported."""
+    if name != "native":
+        if "torch" in sys.modules:
+            raise RuntimeError("limit_cpu_isa must run before torch is imported")
+        os.environ.update(CPU_ISA_ENV[name])
+
+
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels dispatch to (e.g. AVX512, AVX2)."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
 def machine_info() -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -211,6 +234,8 @@ def machine_info() -> dict[str, Any]:
     info = {
         "cpu_model": cpu_model(),
         "cpu_bf16_instructions": _cpu_bf16(),
+        "cpu_capability": cpu_capability(),  # torch's kernel dispatch (capped by --cpu-isa)
+        "cpu_isa_env": {k: os.environ[k] for env in CPU_ISA_ENV.values() for k in env if k in os.environ},
         "cpu_cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),

@@ -17,6 +17,19 @@ def test_bench_common_imports_where_stackllama_is_not_installed(tmp_path):
     assert out.stdout.strip() == "True"
 
 
+def test_cpu_isa_cap_makes_torch_dispatch_to_avx2_kernels(tmp_path):
+    """bench_ppo.py --cpu-isa avx2: an AVX2-only CPU's code paths on any x86 CPU (the capability torch
+    reports after the cap; a cap set after torch is imported is refused, it would do nothing)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import common; common.limit_cpu_isa('avx2'); "
+        "print(common.cpu_capability()); import torch\n"
+        "try:\n    common.limit_cpu_isa('avx2')\nexcept RuntimeError:\n    print('refused')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["AVX2", "refused"]
+
+
 def test_gpu_check_runs_every_step_on_cpu_in_smoke_mode(tmp_path):
     """bench/gpu_check.sh's CPU-safe parts: the pipeline, int8 and NF4 PPO, the ~1B memory step (at a tiny
     shape), each recorded with its stages' manifests; the GPU benchmark is skipped without CUDA."""

@@ -335,7 +335,8 @@ class PPOTrainer:
         return precision.autocast(self.mixed_precision, self.device)
 
     def _between_phases(self) -> None:
-        """After the rollout, each no-grad mini-batch and each optimizer update (see release_free_memory)."""
+        """After the rollout, each no-grad mini-batch and each optimisation epoch, or in full fine-tuning
+        each optimizer update (see release_free_memory)."""
         if self.device.type == "cpu" and self.cfg.malloc_trim:
             release_free_memory()
 
@@ -440,6 +441,10 @@ class PPOTrainer:
         count = 0
         early_stop = 0.0
         self.policy.eval()  # dropout off in updates too (N+ detail): ratios start at exactly 1
+        # Full fine-tuning frees weights-sized gradients (and the activations) after every update: hand
+        # that heap back before the next one, or the next backward's gradients land above it (SmolLM2:
+        # peak RSS -100 MB, bench/README.md). With adapters the gradients are small: once an epoch.
+        trim_per_update = self.policy.reference is not None
         for _epoch in range(int(cfg.ppo_epochs)):
             perm = torch.randperm(B, generator=self.generator).to(batch.ro.input_ids.device)
             epoch_kl = []
@@ -450,13 +455,13 @@ class PPOTrainer:
                     count += 1
                     if not critic_only:
                         epoch_kl.append(float(stats["ppo/policy/approxkl"]))
-                # The update's activations and (full fine-tuning) gradients are freed heap: hand it back
-                # before the next update's forward, or the next backward's gradients land above it
-                # (SmolLM2 full fine-tuning: peak RSS -100 MB, speed unchanged within noise, bench/README.md).
-                self._between_phases()
+                if trim_per_update:
+                    self._between_phases()
             epoch_approxkl = float(np.mean(epoch_kl)) if epoch_kl else 0.0
             if self.dist.is_distributed:  # all ranks stop together
                 epoch_approxkl = distributed.all_reduce_mean(epoch_approxkl)
+            if not trim_per_update:
+                self._between_phases()
             if cfg.target_kl is not None and epoch_approxkl > 1.5 * float(cfg.target_kl):
                 early_stop = 1.0  # policy moved too far from the rollout policy: stop this step's epochs
                 break
