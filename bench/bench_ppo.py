@@ -606,6 +606,8 @@ def run(args: argparse.Namespace) -> dict:
                 "finetune",
                 "bf16",
                 "device",
+                "ours",
+                "cpu_isa",
             )
         },
         "notes": [

@@ -35,6 +35,16 @@ import common  # noqa: E402
 
 R = common.RESULTS
 SUITE = ("ppo", "generation", "sft", "hardware", "precision", "rm", "pipeline")
+# bench_ppo.py result files the table shows, with the variant each was run as (for JSONs written before
+# bench_ppo.py recorded --ours / --cpu-isa in its settings).
+PPO_RESULTS: dict[str, dict] = {
+    "ppo": {},
+    "ppo_smollm2": {},
+    "ppo_smollm2_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
+    "ppo_smollm2_bf16": {},
+    "ppo_smollm2_avx2": {"cpu_isa": "avx2"},
+    "ppo_smollm2_avx2_full_offload": {"cpu_isa": "avx2", "ours": ["ppo.offload_ref_reward=true"]},
+}
 
 
 def plan(quick: bool, large: bool = False) -> dict[str, list[list[str]]]:
@@ -162,10 +172,14 @@ def build_table(results: dict) -> str:
         "| Benchmark | Ours | Baseline | Ratio (ours / baseline) | Target | Setting |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for ppo in (results.get(k) for k in ("ppo", "ppo_smollm2", "ppo_smollm2_bf16")):
+    for key in PPO_RESULTS:
+        ppo = results.get(key)
         if not ppo:
             continue
         st = ppo["settings"]
+        variant = "".join(f", ours: {o}" for o in st.get("ours") or PPO_RESULTS[key].get("ours", [])) + (
+            ", AVX2 code paths" if (st.get("cpu_isa") or PPO_RESULTS[key].get("cpu_isa")) == "avx2" else ""
+        )
         speed_min = ppo.get("targets", {}).get("speed_ratio_min", 1.5)  # older JSONs: the old targets
         memory_max = ppo.get("targets", {}).get("memory_ratio_max", 0.6)
         precision = "bf16 autocast" if st.get("bf16") else "fp32"
@@ -177,7 +191,7 @@ def build_table(results: dict) -> str:
             if not s:
                 continue
             o, t = s["ours"], s["trl"]
-            label = ("LoRA" if ft == "lora" else "full fine-tuning") + f", {st['model']}, {precision}"
+            label = ("LoRA" if ft == "lora" else "full fine-tuning") + f", {st['model']}, {precision}{variant}"
             lines.append(
                 f"| PPO episodes/s, {label} | {o['episodes_per_second']:.3f} | TRL 1.12 PPOTrainer "
                 f"{t['episodes_per_second']:.3f} | **{s['speed_ratio']:.2f}x** (per repeat "
@@ -307,8 +321,7 @@ def collect(quick: bool, steps: dict) -> dict:
     }
     for key, fname in (
         ("ppo", "ppo.json"),
-        ("ppo_smollm2", "ppo_smollm2.json"),
-        ("ppo_smollm2_bf16", "ppo_smollm2_bf16.json"),
+        *((key, f"{key}.json") for key in PPO_RESULTS if key != "ppo"),
         ("gpu_check", "gpu_check.json"),
         ("generation_tiny", "generation_tiny.json"),
         ("generation_smollm2-135m", "generation_smollm2-135m.json"),

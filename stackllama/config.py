@@ -444,9 +444,8 @@ class PPOConfig:
     # Memory: for small models the (episodes x tokens x vocabulary) logits, not the weights, set
     # the peak. The LM head runs on this many episodes at a time (checkpointed in training).
     head_chunk_size: int = field(default=1, metadata=at_least(1))
-    # CPU + glibc only: hand freed heap memory back to the OS between phases (rollout, each no-grad
-    # mini-batch, each epoch or, in full fine-tuning, each update), which otherwise each keep a freed
-    # heap (bench/README.md).
+    # CPU + glibc only: hand freed heap memory back to the OS between phases (rollout, no-grad
+    # pass, optimisation), which otherwise each keep a freed heap (bench_ppo.py: see bench/README).
     malloc_trim: bool = True
     # CPU + glibc only: allocations above this many MiB are mmapped and returned on free: lowest
     # peak RSS, but each costs fresh page faults (1 MiB: 1.8x slower PPO on the tiny model).

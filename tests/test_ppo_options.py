@@ -485,7 +485,7 @@ def test_adamw_8bit_keeps_8_bit_moments_and_updates_the_weights(tmp_path):
     assert len(moved) > len(before) // 2
 
 
-def test_gradients_are_freed_after_each_update(tmp_path):
+def test_gradients_are_freed_after_the_optimisation_phase(tmp_path):
     """Full fine-tuning's gradients are a weights-sized allocation: none may be held after a PPO step
     (through the next rollout, scoring and no-grad pass), while the update still landed."""
     cfg = _cfg("lora=none", "ppo.learning_rate=1e-3", "ppo.ppo_epochs=1")
