@@ -156,6 +156,7 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
         quant_cfg=cfg.quantization,
         mixed_precision=mixed,
     )
+    params = count_parameters(policy)  # before offloading empties the reference copy's tensors
     score, offloaded = offload_frozen(cfg, policy, reward, work_dir / "offload")
     prompts = PromptSource(
         list(splits.rl["question"]), list(splits.rl["query"]), tok, int(cfg.ppo.max_prompt_length), seed
@@ -210,7 +211,7 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
             "data/rl_prompts": len(prompts.query_ids),
             "data/skipped_prompts_too_long": prompts.skipped_too_long,
             "ppo/episodes": len(history) * int(cfg.ppo.batch_size) * dist.world_size,
-            **count_parameters(policy),
+            **params,
         }
     )
     log.info(
