@@ -272,6 +272,13 @@ def keep_4bit_layers_trainable(model: Any) -> int:
     return len(layers)
 
 
+def is_quantized(model: torch.nn.Module) -> bool:
+    """bitsandbytes weights (8-bit or 4-bit) anywhere in ``model``."""
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        return True
+    return any(type(p).__name__ in ("Int8Params", "Params4bit") for p in model.parameters())
+
+
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     """``params/trainable`` and ``params/total`` for every stage alike, a 4-bit packed weight counted
     at its real size (peft's ``get_nb_trainable_parameters`` rule: stored elements x 2 x bytes per

@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from stackllama.models.loader import is_quantized
+
 log = logging.getLogger(__name__)
 
 
@@ -43,13 +45,6 @@ def unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             seen.add(id(p))
             out.append((name, p))
     return out
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """bitsandbytes weights (8-bit or 4-bit) anywhere in ``model``."""
-    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
-        return True
-    return any(type(p).__name__ in ("Int8Params", "Params4bit") for p in model.parameters())
 
 
 class Offloaded:
@@ -135,4 +130,4 @@ class Offloaded:
         return resident_call
 
 
-__all__ = ["Offloaded", "is_quantized", "unique_parameters"]
+__all__ = ["Offloaded", "unique_parameters"]

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from stackllama import distributed, precision
 from stackllama.data.prompts import PromptSource
 from stackllama.memory import release_free_memory, set_malloc_mmap_threshold
+from stackllama.models.loader import is_quantized
 from stackllama.ppo import core
 from stackllama.ppo.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from stackllama.ppo.policy import PolicyWithValueHead
@@ -324,9 +325,8 @@ class PPOTrainer:
         fp32 weights and no autocast (bf16 rounds differently in the two), no quantized base (int8
         picks its outlier columns from the whole batch of activations)."""
         lm = self.policy._causal_lm()
-        quantized = getattr(lm, "hf_quantizer", None) is not None or bool(getattr(lm, "is_quantized", False))
         fp32_head = self.policy.output_head().weight.dtype == torch.float32
-        return self.mixed_precision == "no" and not quantized and fp32_head
+        return self.mixed_precision == "no" and not is_quantized(lm) and fp32_head
 
     def _autocast(self) -> Any:
         """Mixed precision for the backbone passes. The LM head and log-softmax stay outside it, in
