@@ -442,7 +442,8 @@ class PPOConfig:
     # model moves (the reference is the policy's own base). Needs quantization.mode=none.
     offload_ref_reward: bool = field(default=False, metadata=not_in_key())
     # Memory: for small models the (episodes x tokens x vocabulary) logits, not the weights, set
-    # the peak. The LM head runs on this many episodes at a time (checkpointed in training).
+    # the peak. The LM head runs on this many episodes at a time (checkpointed in training); a plain
+    # (fused) head takes at least 128 tokens a tile whatever this says (see core.logprobs_from_hidden).
     head_chunk_size: int = field(default=1, metadata=at_least(1))
     # CPU + glibc only: hand freed heap memory back to the OS between phases (rollout, no-grad
     # pass, optimisation), which otherwise each keep a freed heap (bench_ppo.py: see bench/README).

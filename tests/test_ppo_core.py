@@ -281,8 +281,11 @@ def test_logprobs_from_logits_matches_log_softmax(dtype):
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 5])
-def test_logprobs_from_hidden_matches_full_logits_with_gradients(chunk):
+def test_logprobs_from_hidden_matches_full_logits_with_gradients(chunk, monkeypatch):
     """Chunked + checkpointed head = the plain (B, T, V) computation, values and gradients."""
+    from stackllama.ppo import core as core_module
+
+    monkeypatch.setattr(core_module, "TOKEN_CHUNK", 1)  # tiles of chunk x T tokens: several of them
     torch.manual_seed(0)
     B, T, H, V = 5, 4, 8, 50
     head = torch.nn.Linear(H, V, bias=False)
@@ -409,3 +412,23 @@ def test_rloo_and_grpo_advantages_by_hand():
         core.compute_rloo(rewards, mask, k=3)  # 3 does not divide 4
     a, _ = core.compute_advantages("rloo", torch.zeros(4, 3), rewards, mask, 1.0, 1.0, 2)
     torch.testing.assert_close(a, adv)
+
+
+def test_the_fused_head_runs_tiles_of_at_least_token_chunk_tokens(monkeypatch):
+    """head_chunk_size counts episodes; with short responses one episode is a few tokens, and tiles
+    that small re-read the vocabulary-sized weight per tile: the fused head takes TOKEN_CHUNK at least."""
+    from stackllama.models import lm_head_logprobs
+    from stackllama.ppo import core as core_module
+
+    seen = []
+
+    def recording(*args, token_chunk=None, **kwargs):
+        seen.append(token_chunk)
+        return lm_head_logprobs.logprobs_and_entropy(*args, token_chunk=token_chunk, **kwargs)
+
+    monkeypatch.setattr(core_module, "logprobs_and_entropy", recording)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden, labels = torch.randn(6, 4, 8), torch.randint(0, 50, (6, 4))
+    logprobs_from_hidden(hidden, head, labels, chunk=1)  # 4-token episodes
+    logprobs_from_hidden(torch.randn(2, 300, 8), head, torch.randint(0, 50, (2, 300)), chunk=1)  # long ones
+    assert seen == [lm_head_logprobs.TOKEN_CHUNK, 300]

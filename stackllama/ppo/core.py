@@ -26,7 +26,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-from stackllama.models.lm_head_logprobs import logprobs_and_entropy
+from stackllama.models.lm_head_logprobs import TOKEN_CHUNK, logprobs_and_entropy
 
 # --------------------------------------------------------------------------------------
 # Masked statistics
@@ -340,7 +340,11 @@ def logprobs_from_hidden(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if type(head) is torch.nn.Linear:  # a plain head (not adapted, not quantized): the fused path
         # (stackllama/models/lm_head_logprobs.py): the logits of chunk x T tokens at a time, the
-        # backward recomputing them; one weight-gradient matmul per tile, fused softmax kernels
+        # backward recomputing them; one weight-gradient matmul per tile, fused softmax kernels.
+        # At least TOKEN_CHUNK tokens a tile: every tile re-reads the (V, H) weight three times
+        # (logits, recomputed logits, input gradient) and its gradient once, so 32-token tiles (one
+        # short response) made SmolLM2's head fwd+bwd 1.4x slower than 128-token ones, to save
+        # 19 MB per (tile, V) temporary.
         B, T, H = hidden.shape
         logps, ents = logprobs_and_entropy(
             hidden.reshape(B * T, H).to(head.weight.dtype),
@@ -348,7 +352,7 @@ def logprobs_from_hidden(
             head.bias,
             labels.reshape(B * T),
             float(temperature),
-            token_chunk=chunk * T,
+            token_chunk=max(chunk * T, TOKEN_CHUNK),
             with_entropy=with_entropy,
         )
         return logps.view(B, T), (ents.view(B, T) if ents is not None else None)
