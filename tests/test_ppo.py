@@ -105,6 +105,40 @@ def test_batched_padded_forward_matches_single_examples():
     assert (ro.response_ids[1, 4:] == tok.pad_token_id).all()
 
 
+@pytest.mark.parametrize("top_layers", [None, 1])  # 1: the frozen layers' prefix path too
+def test_a_sub_batch_skips_the_left_padding_all_its_rows_share(top_layers):
+    """An update's micro-batch keeps the rollout batch's longest query's padding; the policy skips
+    the columns that are padding in all of its rows (the backbone sees fewer) with the same states."""
+    cfg = _cfg(*([f"ppo.lora_top_layers={top_layers}"] if top_layers else []))
+    torch.manual_seed(0)
+    policy, tok = load_policy(cfg, model_folder(cfg.model), CPU)
+    queries = [
+        tok(f"Question: {q}\n\nAnswer: ", add_special_tokens=False)["input_ids"] for q in ("short?", QUESTIONS[0], "a b")
+    ]
+    ro = generate_rollout(policy.generation_model(), tok, ["a", "b", "c"], queries, [7, 4, 6], cfg.ppo, CPU)
+    assert bool(policy.prefix_layers) == bool(top_layers)
+    widths = []
+    embed = policy._causal_lm().get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _m, inp, _o: widths.append(inp[0].shape[1]))
+    rows = torch.tensor([0, 2])  # the two short queries: the long one's extra columns are padding in both
+    with torch.no_grad():
+        whole = policy(ro.input_ids, ro.attention_mask, ro.query_len)[0][rows]
+        ids, att = ro.input_ids[rows], ro.attention_mask[rows]
+        prefix = policy.prefix(ids, att, ro.query_len)
+        sub = policy(ids, att, ro.query_len, prefix=prefix)[0]
+        ref_whole = policy.reference_hidden(ro.input_ids, ro.attention_mask, ro.query_len)[0][rows]
+        ref_sub = policy.reference_hidden(ids, att, ro.query_len, prefix=prefix)[0]
+    hook.remove()
+    shared = len(queries[1]) - max(len(queries[0]), len(queries[2]))
+    assert shared > 0
+    full = ro.input_ids.shape[1]
+    assert widths[0] == full and widths[1] == full - shared  # the whole batch, then the sub-batch's first pass
+    torch.testing.assert_close(sub, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_sub, ref_whole, atol=1e-5, rtol=1e-5)
+    if top_layers:
+        assert prefix.shape[:2] == ids.shape and (prefix[:, :shared] == 0).all()  # skipped columns: zeros
+
+
 @pytest.mark.parametrize("lora", ["default", "none"])
 def test_rollout_hidden_states_give_the_whole_sequence_forward_s_log_probs_and_values(lora):
     """ppo.logprobs_from_rollout: the states generation computed step by step are the ones a forward

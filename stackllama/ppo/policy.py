@@ -20,6 +20,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def common_left_padding(attention_mask: torch.Tensor, query_len: int) -> int:
+    """Leading columns that are padding in every row (< query_len): a sub-batch of left-padded
+    episodes keeps the whole batch's longest query's padding. Those columns are masked out as keys
+    and predict no response token, so a forward can skip them and give the same states."""
+    real = attention_mask[:, :query_len].bool().any(0)  # (Q,) a real token in some row
+    return min(int(real.to(torch.int8).argmax()), query_len - 1) if bool(real.any()) else 0
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack (embeddings, layers, final norm) of a causal LM or peft-wrapped one."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -62,6 +70,10 @@ def response_hidden(
     before (``prefix_hidden``); only the layers above them run.
     """
     backbone = decoder_of(model)
+    start = common_left_padding(attention_mask, query_len)  # the same states without those columns
+    if start:
+        input_ids, attention_mask, query_len = input_ids[:, start:], attention_mask[:, start:], query_len - start
+        prefix = prefix[:, start:] if prefix is not None else None
     kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     if prefix is None:
         out = backbone(input_ids=input_ids, **kwargs)
@@ -71,16 +83,19 @@ def response_hidden(
     return out.last_hidden_state[:, query_len - 1 : -1]  # (B, R, H)
 
 
-def prefix_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
-    """Hidden states after the first ``layers`` decoder layers (no final norm): (B, Q+R) -> (B, Q+R, H)."""
+def prefix_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int, query_len: int
+) -> torch.Tensor:
+    """Hidden states after the first ``layers`` decoder layers (no final norm): (B, Q+R) -> (B, Q+R, H).
+    Columns that are padding in every row are not run: zeros there (masked keys, never read)."""
     backbone = decoder_of(model)
+    start = common_left_padding(attention_mask, query_len)
+    ids, att = input_ids[:, start:], attention_mask[:, start:]
     with layer_range(backbone, 0, layers, final_norm=False):
-        return backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
+        out = backbone(
+            input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att), use_cache=False
+        ).last_hidden_state  # (B, Q+R-start, H)
+    return torch.nn.functional.pad(out, (0, 0, start, 0)) if start else out
 
 
 def frozen_layers(model: nn.Module) -> int:
@@ -138,14 +153,14 @@ class PolicyWithValueHead(nn.Module):
         try:
             with torch.no_grad():
                 full = response_hidden(model, ids, att, 2)
-                split = response_hidden(model, ids, att, 2, self.prefix(ids, att), self.prefix_layers)
+                split = response_hidden(model, ids, att, 2, self.prefix(ids, att, 2), self.prefix_layers)
         finally:
             for module, mode in modes:
                 module.training = mode
         return bool(torch.allclose(full, split, atol=1e-4, rtol=1e-4))
 
     @torch.no_grad()
-    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_len: int) -> torch.Tensor | None:
         """(B, Q+R, H) after the frozen bottom layers, or None when nothing is frozen below the adapters.
 
         Pass it to ``forward`` and ``reference_hidden`` as ``prefix``: the policy, the reference
@@ -155,7 +170,7 @@ class PolicyWithValueHead(nn.Module):
         """
         if not self.prefix_layers:
             return None
-        return prefix_hidden(self._causal_lm(), input_ids, attention_mask, self.prefix_layers)
+        return prefix_hidden(self._causal_lm(), input_ids, attention_mask, self.prefix_layers, query_len)
 
     # -- pieces of the causal LM --------------------------------------------------------
     def _causal_lm(self, use_reference: bool = False) -> nn.Module:

@@ -361,7 +361,7 @@ class PPOTrainer:
         ids, att = ro.input_ids[s : s + n], ro.attention_mask[s : s + n]
         resp = ro.response_ids[s : s + n]  # (b, R)
         with self._autocast():
-            prefix = self.policy.prefix(ids, att)  # (b, Q+R, H) after the frozen layers, or None
+            prefix = self.policy.prefix(ids, att, Q)  # (b, Q+R, H) after the frozen layers, or None
             if ro.hidden is not None:  # the states generation computed (ppo.logprobs_from_rollout)
                 hidden, head = ro.hidden[s : s + n], self.policy.output_head()  # (b, R, H), LM head
             else:
