@@ -42,6 +42,7 @@ PPO_RESULTS: dict[str, dict] = {
     "ppo_smollm2": {},
     "ppo_smollm2_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
     "ppo_smollm2_bf16": {},
+    "ppo_smollm2_bf16_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
     "ppo_smollm2_avx2": {"cpu_isa": "avx2"},
     "ppo_smollm2_avx2_full_offload": {"cpu_isa": "avx2", "ours": ["ppo.offload_ref_reward=true"]},
 }
