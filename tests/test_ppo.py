@@ -112,9 +112,8 @@ def test_a_sub_batch_skips_the_left_padding_all_its_rows_share(top_layers):
     cfg = _cfg(*([f"ppo.lora_top_layers={top_layers}"] if top_layers else []))
     torch.manual_seed(0)
     policy, tok = load_policy(cfg, model_folder(cfg.model), CPU)
-    queries = [
-        tok(f"Question: {q}\n\nAnswer: ", add_special_tokens=False)["input_ids"] for q in ("short?", QUESTIONS[0], "a b")
-    ]
+    texts = ("short?", QUESTIONS[0], "a b")
+    queries = [tok(f"Question: {q}\n\nAnswer: ", add_special_tokens=False)["input_ids"] for q in texts]
     ro = generate_rollout(policy.generation_model(), tok, ["a", "b", "c"], queries, [7, 4, 6], cfg.ppo, CPU)
     assert bool(policy.prefix_layers) == bool(top_layers)
     widths = []
