@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def tiny_ppo_cli(tmp_path: Path, *overrides: str) -> list[str]:
+    """``python -m stackllama stage=ppo`` on the tiny Llama with explicit policy and reward-model
+    folders (no SFT/RM stage first), small batches and responses; ``overrides`` come last."""
+    from stackllama.models.loader import model_folder
+
+    return [
+        sys.executable,
+        "-m",
+        "stackllama",
+        "stage=ppo",
+        "model=tiny",
+        "logger=none",
+        f"artifacts_dir={tmp_path / 'art'}",
+        f"ppo.policy_path={model_folder(compose_cfg(['model=tiny']).model)}",
+        f"ppo.reward_model_path={tiny_reward_folder()}",
+        "ppo.batch_size=4",
+        "ppo.mini_batch_size=2",
+        "ppo.min_new_tokens=4",
+        "ppo.max_new_tokens=8",
+        "data.synthetic.num_questions=60",
+        *overrides,
+    ]

@@ -100,32 +100,18 @@ def test_the_stage_reports_the_offloaded_reference_s_parameters_too(tmp_path):
     tensors are empty between passes; counted after offloading, it was half)."""
     import json
     import subprocess
-    import sys
 
     from stackllama.models.loader import count_parameters
-    from tests.conftest import REPO
+    from tests.conftest import REPO, tiny_ppo_cli
 
     folder = model_folder(compose_cfg(["model=tiny"]).model)
-    cmd = [
-        sys.executable,
-        "-m",
-        "stackllama",
-        "stage=ppo",
-        "model=tiny",
-        "logger=none",
+    cmd = tiny_ppo_cli(
+        tmp_path,
         "lora=none",
-        f"artifacts_dir={tmp_path / 'art'}",
-        f"ppo.policy_path={folder}",
-        f"ppo.reward_model_path={tiny_reward_folder()}",
         "ppo.total_episodes=4",
-        "ppo.batch_size=4",
-        "ppo.mini_batch_size=2",
-        "ppo.min_new_tokens=4",
-        "ppo.max_new_tokens=8",
-        "data.synthetic.num_questions=60",
         "ppo.offload_ref_reward=true",
         f"hydra.run.dir={tmp_path / 'run'}",
-    ]
+    )
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from stackllama.ppo import core
 from stackllama.ppo.rollout import generate_rollout, response_mask_from
 from stackllama.ppo.trainer import PPOTrainer, summarize
 from stackllama.stages.ppo import load_policy
-from tests.conftest import REPO, compose_cfg, tiny_reward_folder
+from tests.conftest import REPO, compose_cfg, tiny_ppo_cli
 
 CPU = torch.device("cpu")
 QUESTIONS = [f"How do I keep batch {i} of my stout from tasting sour?" for i in range(24)]
@@ -313,25 +312,7 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.mark.slow
 def test_cli_resume_after_kill(tmp_path):
     """SIGKILL the CLI after its first checkpoint; the same command resumes from it."""
-    folder = model_folder(compose_cfg(["model=tiny"]).model)
-    cmd = [
-        sys.executable,
-        "-m",
-        "stackllama",
-        "stage=ppo",
-        "model=tiny",
-        "logger=none",
-        f"artifacts_dir={tmp_path / 'art'}",
-        f"ppo.policy_path={folder}",
-        f"ppo.reward_model_path={tiny_reward_folder()}",
-        "ppo.total_episodes=32",
-        "ppo.save_every=2",
-        "ppo.batch_size=4",
-        "ppo.mini_batch_size=2",
-        "ppo.min_new_tokens=4",
-        "ppo.max_new_tokens=8",
-        "data.synthetic.num_questions=60",
-    ]
+    cmd = tiny_ppo_cli(tmp_path, "ppo.total_episodes=32", "ppo.save_every=2")
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.Popen(
         cmd + [f"hydra.run.dir={tmp_path / 'run1'}"],
