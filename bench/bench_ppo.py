@@ -140,7 +140,13 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
 
 # =============================================================================== workers
 def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
-    import peft  # noqa: F401  (imported before the pre-load reading, as trl imports them on the other side)
+    if finetune == "lora":
+        # LoRA needs peft, imported before the pre-load reading as trl imports it on the other side.
+        # Our full fine-tuning never imports peft, nor bitsandbytes, which peft imports whenever it
+        # is installed (52-126 MB of RSS on the machines measured; TRL's venv has no bitsandbytes):
+        # importing it here charged our full-fine-tuning rows memory the stage does not use
+        # (tests/test_ppo.py::test_full_fine_tuning_imports_neither_peft_nor_bitsandbytes).
+        import peft  # noqa: F401
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401
 

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -241,6 +242,29 @@ def test_kl_in_the_loss_keeps_the_policy_near_the_reference(tmp_path):
     assert kl_tied < 0.5 * kl_free, (kl_tied, kl_free)
     assert all(h["ppo/mean_non_score_reward"] == 0.0 for h in hist)  # no KL in the reward
     assert all("ppo/loss/kl" in h for h in hist)
+
+
+def test_full_fine_tuning_imports_neither_peft_nor_bitsandbytes(tmp_path):
+    """Full-fine-tuning PPO (lora=none) loads its policy and a reward model and trains without
+    importing peft, or bitsandbytes, which peft imports whenever it is installed (50-130 MB of
+    RSS): bench_ppo.py's full-fine-tuning rows leave both out of our side's imports on that basis."""
+    script = f"""
+import sys
+from pathlib import Path
+import torch
+from stackllama.reward import RewardScorer
+from tests.conftest import tiny_reward_folder
+from tests.test_ppo import CPU, _cfg, _trainer
+cfg = _cfg("ppo.total_episodes=8", "lora=none")
+scorer = RewardScorer.from_pretrained(
+    str(tiny_reward_folder()), device=CPU, batch_size=4, template=str(cfg.data.prompt_template), mixed_precision="no"
+)
+_trainer(cfg, Path({str(tmp_path)!r})).train()
+print(sorted(m for m in ("peft", "bitsandbytes") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]
 
 
 def test_adaptive_controller_moves_beta(tmp_path):
