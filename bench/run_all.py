@@ -45,6 +45,11 @@ PPO_RESULTS: dict[str, dict] = {
     "ppo_smollm2_bf16_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
     "ppo_smollm2_avx2": {"cpu_isa": "avx2"},
     "ppo_smollm2_avx2_full_offload": {"cpu_isa": "avx2", "ours": ["ppo.offload_ref_reward=true"]},
+    # the same rows re-run on another CPU (an AMD EPYC): each JSON names its machine, the table says it
+    "ppo_smollm2_epyc": {},
+    "ppo_smollm2_epyc_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
+    "ppo_smollm2_epyc_bf16_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
+    "ppo_smollm2_epyc_avx2_full_offload": {"cpu_isa": "avx2", "ours": ["ppo.offload_ref_reward=true"]},
 }
 
 
@@ -181,6 +186,9 @@ def build_table(results: dict) -> str:
         variant = "".join(f", ours: {o}" for o in st.get("ours") or PPO_RESULTS[key].get("ours", [])) + (
             ", AVX2 code paths" if (st.get("cpu_isa") or PPO_RESULTS[key].get("cpu_isa")) == "avx2" else ""
         )
+        cpu = ppo.get("machine", {}).get("cpu_model")
+        if cpu and cpu != m["cpu_model"]:  # measured on another machine than the header's
+            variant += f", on {cpu}"
         speed_min = ppo.get("targets", {}).get("speed_ratio_min", 1.5)  # older JSONs: the old targets
         memory_max = ppo.get("targets", {}).get("memory_ratio_max", 0.6)
         precision = "bf16 autocast" if st.get("bf16") else "fp32"

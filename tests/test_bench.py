@@ -61,3 +61,22 @@ def test_gpu_check_runs_every_step_on_cpu_in_smoke_mode(tmp_path):
         ppo = steps[name]["stages"]["ppo"]
         assert ppo["gb_per_b_params"] > 0 and ppo["params"] > 0 and ppo["build_seconds"] > 0
     assert "eval/win_rate_vs_sft" in steps["stage_all"]["figures"]
+
+
+def test_the_table_names_the_cpu_of_rows_measured_on_another_machine():
+    """bench/results holds PPO rows from more than one machine: a row whose JSON names another CPU
+    than the table's header says which one, so no figure reads as the header machine's."""
+    import json
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import run_all
+
+    row = json.loads((REPO / "bench" / "results" / "ppo_smollm2.json").read_text())
+    cpu = row["machine"]["cpu_model"]
+    same = run_all.build_table({"machine": row["machine"], "created": "now", "ppo_smollm2": row})
+    other = run_all.build_table(
+        {"machine": {**row["machine"], "cpu_model": "Another CPU"}, "created": "now", "ppo_smollm2": row}
+    )
+    assert f", on {cpu}" not in same
+    assert f"| PPO episodes/s, full fine-tuning, smollm2-135m, fp32, on {cpu} |" in other
+    assert f"| PPO peak RSS, LoRA, smollm2-135m, fp32, on {cpu} |" in other
