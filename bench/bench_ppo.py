@@ -143,7 +143,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
     if finetune == "lora":
         # LoRA needs peft, imported before the pre-load reading as trl imports it on the other side.
         # Our full fine-tuning never imports peft, nor bitsandbytes, which peft imports whenever it
-        # is installed (52-126 MB of RSS on the machines measured; TRL's venv has no bitsandbytes):
+        # is installed (46-52 MB of RSS on the machines measured; TRL's venv has no bitsandbytes):
         # importing it here charged our full-fine-tuning rows memory the stage does not use
         # (tests/test_ppo.py::test_full_fine_tuning_imports_neither_peft_nor_bitsandbytes).
         import peft  # noqa: F401
