@@ -23,6 +23,7 @@ def _reference(hidden, weight, bias, targets, temperature, scale):
 @pytest.mark.parametrize("entropy_in_loss", [False, True])
 def test_log_probs_and_gradients_match_full_logits(monkeypatch, entropy_in_loss):
     monkeypatch.setattr(heads, "TOKEN_CHUNK", 7)  # several chunks, the last one short
+    monkeypatch.setattr(heads, "VOCAB_BLOCK", 16)  # several vocabulary blocks, the last one short
     torch.manual_seed(0)
     N, H, V = 19, 8, 50
     leaves = [torch.randn(N, H), torch.randn(V, H), torch.randn(V)]

@@ -9,9 +9,10 @@ plain log-softmax costs, and the tile sizes made long (packed) rows cost more pe
 short (padded) ones.
 
 ``LogProbsWithoutLogits`` is the same computation with fused aten kernels (``logsumexp``,
-``exp``) on chunks of ``TOKEN_CHUNK`` tokens by the whole vocabulary: the forward keeps only
-log Z per token, the backward recomputes each chunk's logits (one more matmul) and turns them
-into the gradient in place. ``install_for_trl()`` routes TRL's fused head through it where TRL
+``exp``) on tiles of ``TOKEN_CHUNK`` tokens, each swept over the vocabulary ``VOCAB_BLOCK`` rows
+at a time: the forward keeps only log Z per token, the backward recomputes each block's logits
+(one more matmul) and turns them into the gradient in place, writing the weight gradient's rows
+block by block. ``install_for_trl()`` routes TRL's fused head through it where TRL
 would use its torch fallback (no Triton for the device) and leaves every Triton path, and
 every case it does not cover (logit soft-capping), to TRL. Written by hand: neither TRL nor
 transformers has a CPU-efficient chunked log-prob head.
@@ -27,17 +28,35 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TOKEN_CHUNK = 128  # tokens per (TOKEN_CHUNK, V) logits tile: 25 MB at V = 49152 in fp32
+TOKEN_CHUNK = 128  # tokens per tile: the (V, H) weight is read ~4 times per tile (fwd, recompute, two grads)
+# Vocabulary rows per logits block: a (VOCAB_BLOCK, TOKEN_CHUNK) float32 block is 1 MB, so the
+# elementwise passes run in cache and no (tokens, V) tile is ever allocated (1024-4096 measured alike).
+VOCAB_BLOCK = 2048
 OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's optional per-token outputs
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, inv_t: float):
-    """(n, H) -> (n, V) float32 logits / temperature (the matmul in ``hidden``'s dtype)."""
-    z = hidden @ weight.t()
-    if bias is not None:
-        z = z + bias
+def _block_logits(w: torch.Tensor, b: torch.Tensor | None, hT: torch.Tensor, factor: float) -> torch.Tensor:
+    """(Vb, H) weight rows, (Vb,) bias, (H, n) hidden^T -> (Vb, n) float32 logits x factor (scale / T).
+
+    Weight-major (W_b @ h^T, not h @ W_b^T): on the CPUs measured MKL runs the head's shapes ~1.2-1.8x
+    faster this way round (bench/README), and the (Vb, n) block is what the reductions below want."""
+    z = w @ hT if b is None else torch.addmm(b.unsqueeze(-1), w, hT)
     z = z.float()
-    return z if scale * inv_t == 1.0 else z.mul_(scale * inv_t)  # one pass over (n, V) less at T = 1
+    return z if factor == 1.0 else z.mul_(factor)  # one pass over the block less at T = 1
+
+
+def _in_block(targets: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) targets -> whether each falls in vocabulary rows [start, stop), and its row there (clamped)."""
+    inside = (targets >= start) & (targets < stop)
+    return inside, (targets - start).clamp_(0, stop - start - 1)
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """out (float32) = a @ b on ``first``, else out += a @ b; a, b in the pass's dtype."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out) if first else out.addmm_(a, b)
+    else:
+        out.copy_(a @ b) if first else out.add_(a @ b)
 
 
 class LogProbsWithoutLogits(torch.autograd.Function):
@@ -45,8 +64,11 @@ class LogProbsWithoutLogits(torch.autograd.Function):
     targets (N,), temperature, token_chunk, softcap (must be None), logit_scale, outputs)`` ->
     (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each (N,) or None when not in
     ``outputs``. Gradients flow through log_probs and entropy, to hidden, weight and bias.
-    ``token_chunk``: tokens per logits tile (TRL passes its vocabulary chunk there: the router
-    replaces it with ``TOKEN_CHUNK``); None or 0: ``TOKEN_CHUNK``."""
+    ``token_chunk``: tokens per tile (TRL passes its vocabulary chunk there: the router replaces
+    it with ``TOKEN_CHUNK``); None or 0: ``TOKEN_CHUNK``. Each tile's logits are computed
+    ``VOCAB_BLOCK`` vocabulary rows at a time and combined across blocks:
+    log Z = logsumexp_b(L_b) with L_b = log sum_{v in b} exp(z_v), and the entropy from each
+    block's own H_b (stable: no lz - E[z] cancellation)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, token_chunk, softcap, logit_scale, outputs):
@@ -55,37 +77,55 @@ class LogProbsWithoutLogits(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # unused outputs (entropy for logging) send no gradient
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        inv_t = 1.0 / float(temperature)
-        chunk = int(token_chunk or TOKEN_CHUNK)
-        N = hidden.shape[0]
+        factor = float(logit_scale) / float(temperature)  # z = (h W^T + b) x scale / T
+        chunk, block = int(token_chunk or TOKEN_CHUNK), int(VOCAB_BLOCK)
+        (N, _), V = hidden.shape, weight.shape[0]
         f32 = dict(device=hidden.device, dtype=torch.float32)
-        log_z, target_z = torch.empty(N, **f32), torch.empty(N, **f32)
+        log_z, target_z = torch.empty(N, **f32), torch.zeros(N, **f32)
         entropy = torch.empty(N, **f32) if "entropy" in outputs else None
         log_sum_sq = torch.empty(N, **f32) if "log_sum_sq_probs" in outputs else None
-        mean_logits = torch.empty(N, **f32) if "mean_logits" in outputs else None
+        mean_logits = torch.zeros(N, **f32) if "mean_logits" in outputs else None
         is_top1 = torch.empty(N, dtype=torch.bool, device=hidden.device) if "is_top1" in outputs else None
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
             for s in range(0, N, chunk):
                 e = min(s + chunk, N)
-                t = targets[s:e]
-                z = _logits(hidden[s:e].to(dtype), w, b, float(logit_scale), inv_t)  # (n, V)
-                lz = torch.logsumexp(z, -1)  # log Z = log sum_v exp(z_v)
-                log_z[s:e] = lz
-                target_z[s:e] = z.gather(-1, t.unsqueeze(-1)).squeeze(-1)
-                if is_top1 is not None:
-                    is_top1[s:e] = z.argmax(-1) == t  # argmax: the first maximum, as TRL counts ties
-                if mean_logits is not None:
-                    mean_logits[s:e] = z.mean(-1)
-                if entropy is not None or log_sum_sq is not None:
-                    logp = z.sub_(lz.unsqueeze(-1))  # in place: log p_v = z_v - log Z
+                hT, t = hidden[s:e].to(dtype).t(), targets[s:e]  # (H, n), (n,)
+                lse, ent, sq = [], [], []  # per block, each (n,)
+                best = best_at = None  # running max logit and its vocabulary index (is_top1)
+                for vs in range(0, V, block):
+                    ve = min(vs + block, V)
+                    z = _block_logits(w[vs:ve], None if b is None else b[vs:ve], hT, factor)  # (Vb, n)
+                    inside, row = _in_block(t, vs, ve)
+                    target_z[s:e] = torch.where(inside, z.gather(0, row.unsqueeze(0)).squeeze(0), target_z[s:e])
+                    if is_top1 is not None:  # the first maximum, as TRL counts ties: later blocks must beat it
+                        top, at = z.max(0)
+                        if best is None:
+                            best, best_at = top, at
+                        else:
+                            better = top > best
+                            best, best_at = torch.where(better, top, best), torch.where(better, at + vs, best_at)
+                    if mean_logits is not None:
+                        mean_logits[s:e] += z.sum(0) / V
                     if log_sum_sq is not None:
-                        log_sum_sq[s:e] = torch.logsumexp(2 * logp, -1)  # log sum_v p_v^2
+                        sq.append(torch.logsumexp(2 * z, 0))  # log sum_{v in b} exp(2 z_v)
+                    lse.append(torch.logsumexp(z, 0))  # L_b = log sum_{v in b} exp(z_v)
                     if entropy is not None:
-                        entropy[s:e] = -(logp.exp() * logp).sum(-1)  # H = -sum_v p_v log p_v
+                        logp = z.sub_(lse[-1])  # in place: log of the softmax within the block
+                        ent.append(-(logp.exp() * logp).sum(0))  # H_b = -sum_{v in b} p_v|b log p_v|b
+                L = torch.stack(lse)  # (blocks, n)
+                lz = torch.logsumexp(L, 0)  # log Z = log sum_b exp(L_b)
+                log_z[s:e] = lz
+                if entropy is not None:  # H = sum_b w_b (H_b - log w_b), w_b = exp(L_b - log Z)
+                    log_w = L - lz
+                    entropy[s:e] = (log_w.exp() * (torch.stack(ent) - log_w)).sum(0)
+                if log_sum_sq is not None:  # log sum_v p_v^2 = logsumexp_v(2 z_v) - 2 log Z
+                    log_sum_sq[s:e] = torch.logsumexp(torch.stack(sq), 0) - 2 * lz
+                if is_top1 is not None:
+                    is_top1[s:e] = best_at == t
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, log_z if entropy is None else entropy)
-        ctx.dtype, ctx.inv_t, ctx.scale, ctx.has_entropy = dtype, inv_t, float(logit_scale), entropy is not None
-        ctx.chunk = chunk
+        ctx.dtype, ctx.factor, ctx.has_entropy = dtype, factor, entropy is not None
+        ctx.chunk, ctx.block = chunk, block
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
         return target_z - log_z, entropy, log_sum_sq, mean_logits, is_top1  # log p(target) = z_t - log Z
 
@@ -93,35 +133,42 @@ class LogProbsWithoutLogits(torch.autograd.Function):
     def backward(ctx, g_logprobs, g_entropy, *_unused):
         hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dtype, factor = ctx.dtype, ctx.scale * ctx.inv_t  # dz/d(hidden @ W^T + b) = scale / T
-        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        dtype, factor, chunk, block = ctx.dtype, ctx.factor, ctx.chunk, ctx.block
+        (N, _), V = hidden.shape, weight.shape[0]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        # empty, not zeros: the first tile writes every row of each (a fresh 113 MB zero-fill costs
+        # about as much as the weight-gradient matmul that then overwrites it)
+        grad_h = torch.empty(hidden.shape, **f32) if need_h else None
+        grad_w = torch.empty(weight.shape, **f32) if need_w else None
+        grad_b = torch.empty(V, **f32) if need_b else None
+        use_entropy = g_entropy is not None and ctx.has_entropy
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.shape[0], ctx.chunk):
-                e = min(s + ctx.chunk, hidden.shape[0])
-                h = hidden[s:e].to(dtype)
-                logp = _logits(h, w, b, ctx.scale, ctx.inv_t).sub_(log_z[s:e].unsqueeze(-1))  # (n, V) log p
-                p = logp.exp()
-                if g_logprobs is not None:  # dL/dz, (n, V)
-                    # d log p_t / dz_j = 1[j = t] - p_j
-                    g = g_logprobs[s:e].float().unsqueeze(-1)
-                    grad = (p * -g).scatter_add_(-1, targets[s:e].unsqueeze(-1), g)
-                else:
-                    grad = torch.zeros_like(p)
-                if g_entropy is not None and ctx.has_entropy:
-                    # dH/dz_j = -p_j (log p_j + H)
-                    grad.sub_(p.mul_(logp.add_(entropy[s:e].unsqueeze(-1))).mul_(g_entropy[s:e].float().unsqueeze(-1)))
-                if factor != 1.0:
-                    grad.mul_(factor)
-                grad = grad.to(dtype)
-                if grad_h is not None:
-                    grad_h[s:e] = grad @ w
-                if grad_w is not None:
-                    grad_w.addmm_(grad.t().float(), h.float())
-                if grad_b is not None:
-                    grad_b += grad.float().sum(0)
+            for s in range(0, N, chunk):
+                e = min(s + chunk, N)
+                h, t = hidden[s:e].to(dtype), targets[s:e]  # (n, H), (n,)
+                g = None if g_logprobs is None else g_logprobs[s:e].float()  # (n,)
+                for vs in range(0, V, block):
+                    ve = min(vs + block, V)
+                    logp = _block_logits(w[vs:ve], None if b is None else b[vs:ve], h.t(), factor).sub_(log_z[s:e])
+                    p = logp.exp()  # (Vb, n)
+                    if g is not None:  # dL/dz_j = g (1[j = t] - p_j): d log p_t / dz_j = 1[j = t] - p_j
+                        inside, row = _in_block(t, vs, ve)
+                        grad = (p * -g).scatter_add_(0, row.unsqueeze(0), (g * inside).unsqueeze(0))
+                    else:
+                        grad = torch.zeros_like(p)
+                    if use_entropy:  # dH/dz_j = -p_j (log p_j + H)
+                        grad.sub_(p.mul_(logp.add_(entropy[s:e])).mul_(g_entropy[s:e].float()))
+                    if factor != 1.0:
+                        grad.mul_(factor)  # dz/d(h W^T + b) = scale / T
+                    grad = grad.to(dtype)  # (Vb, n)
+                    if grad_h is not None:  # dL/dh = sum_b grad_b^T W_b
+                        _mm_into(grad_h[s:e], grad.t(), w[vs:ve], first=vs == 0)
+                    if grad_w is not None:  # dL/dW_b = sum over tiles of grad_b h
+                        _mm_into(grad_w[vs:ve], grad, h, first=s == 0)
+                    if grad_b is not None:
+                        part = grad.float().sum(1)
+                        grad_b[vs:ve] = part if s == 0 else grad_b[vs:ve] + part
         return (
             None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
@@ -181,4 +228,10 @@ def install_for_trl() -> bool:
     return True
 
 
-__all__ = ["LogProbsWithoutLogits", "logprobs_and_entropy", "install_for_trl", "TOKEN_CHUNK"]
+__all__ = [
+    "LogProbsWithoutLogits",
+    "logprobs_and_entropy",
+    "install_for_trl",
+    "TOKEN_CHUNK",
+    "VOCAB_BLOCK",
+]
