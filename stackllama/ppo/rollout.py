@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from stackllama.models.decode_matmul import weight_major_decode
 from stackllama.models.padding import pad
 from stackllama.ppo.policy import decoder_of
 
@@ -116,7 +117,8 @@ def generate_rollout(
     if keep_hidden:
         hook = decoder_of(model).norm.register_forward_hook(lambda _m, _i, out: steps.append(out[:, -1].detach()))
     try:
-        out = model.generate(input_ids=q_ids, attention_mask=q_mask, **gen_kwargs)  # (B, Q+R')
+        with weight_major_decode(model):  # few-row products as (W x^T)^T on CPU: MKL packs W for x W^T
+            out = model.generate(input_ids=q_ids, attention_mask=q_mask, **gen_kwargs)  # (B, Q+R')
     finally:
         if hook is not None:
             hook.remove()
