@@ -164,6 +164,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str:
+    """The CPU model name with its family and model numbers: two machines can share a name
+    ("AMD EPYC" for both a Zen 3 and a Zen 5 here) yet not their speed or instruction sets."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "cpu family" in fields and "model" in fields:
+        return f"{cpu_model()} (family {fields['cpu family']}, model {fields['model']})"
+    return cpu_model()
+
+
+def describe_cpu(machine: dict[str, Any]) -> str:
+    """A results JSON's machine as the table names it: ``cpu_id`` where recorded (older JSONs:
+    the model name only)."""
+    return machine.get("cpu_id") or machine.get("cpu_model") or "unknown CPU"
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(
@@ -233,6 +255,7 @@ def machine_info() -> dict[str, Any]:
 
     info = {
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpu_bf16_instructions": _cpu_bf16(),
         "cpu_capability": cpu_capability(),  # torch's kernel dispatch (capped by --cpu-isa)
         "cpu_isa_env": {k: os.environ[k] for env in CPU_ISA_ENV.values() for k in env if k in os.environ},

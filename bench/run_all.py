@@ -165,12 +165,14 @@ def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
 def build_table(results: dict) -> str:
     m = results["machine"]
     lines = [
-        f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads), "
+        f"Machine: {common.describe_cpu(m)}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads), "
         f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']} (baseline trl {m['trl_baseline']}), "
         f"commit `{m['git_commit'][:12]}`, {results['created']}"
         + (" (quick mode)" if results.get("quick") else "")
         + (
-            " (rebuilt from the JSONs present: each row's settings say how it ran)"
+            " (rebuilt from the JSONs present: each row's settings say how it ran"
+            + (f"; rebuilt on {common.describe_cpu(results['rebuilt_on'])}" if results.get("rebuilt_on") else "")
+            + ")"
             if results.get("quick") is None
             else ""
         ),
@@ -186,8 +188,8 @@ def build_table(results: dict) -> str:
         variant = "".join(f", ours: {o}" for o in st.get("ours") or PPO_RESULTS[key].get("ours", [])) + (
             ", AVX2 code paths" if (st.get("cpu_isa") or PPO_RESULTS[key].get("cpu_isa")) == "avx2" else ""
         )
-        cpu = ppo.get("machine", {}).get("cpu_model")
-        if cpu and cpu != m["cpu_model"]:  # measured on another machine than the header's
+        cpu = common.describe_cpu(ppo.get("machine", {}))
+        if ppo.get("machine") and cpu != common.describe_cpu(m):  # measured on another machine than the header's
             variant += f", on {cpu}"
         speed_min = ppo.get("targets", {}).get("speed_ratio_min", 1.5)  # older JSONs: the old targets
         memory_max = ppo.get("targets", {}).get("memory_ratio_max", 0.6)
@@ -393,7 +395,13 @@ def main(argv: list[str] | None = None) -> None:
             if name in wanted:
                 steps[name] = run_step(name, commands[name])
         common.log(f"suite finished in {time.perf_counter() - started:.0f}s")
+    previous = load("results.json") if args.table_only else None
     results = collect(None if args.table_only else args.quick, steps)
+    if previous is not None:
+        # A rebuild measures nothing: the header keeps the machine the suite's rows were measured on,
+        # and PPO rows from elsewhere name theirs (build_table). The rebuild's own host is recorded.
+        results["rebuilt_on"] = results["machine"]
+        results["machine"] = previous["machine"]
     common.write_json(R / "results.json", results)
     table = build_table(results)
     (R / "table.md").write_text(table)

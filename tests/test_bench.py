@@ -80,3 +80,27 @@ def test_the_table_names_the_cpu_of_rows_measured_on_another_machine():
     assert f", on {cpu}" not in same
     assert f"| PPO episodes/s, full fine-tuning, smollm2-135m, fp32, on {cpu} |" in other
     assert f"| PPO peak RSS, LoRA, smollm2-135m, fp32, on {cpu} |" in other
+    # The same model name, another family/model (a Zen 3 and a Zen 5 are both "AMD EPYC"):
+    here = {**row["machine"], "cpu_id": f"{cpu} (family 25, model 1)"}
+    there = {**row, "machine": {**row["machine"], "cpu_id": f"{cpu} (family 26, model 2)"}}
+    mixed = run_all.build_table({"machine": here, "created": "now", "ppo_smollm2": there})
+    assert f"| PPO episodes/s, LoRA, smollm2-135m, fp32, on {cpu} (family 26, model 2) |" in mixed
+    assert mixed.startswith(f"Machine: {cpu} (family 25, model 1),")
+
+
+def test_a_table_rebuild_keeps_the_header_machine_of_the_measured_rows(tmp_path, monkeypatch):
+    """--table-only measures nothing: its header must not claim the rebuild host measured the rows."""
+    import json
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import run_all
+
+    row = json.loads((REPO / "bench" / "results" / "ppo_smollm2.json").read_text())
+    measured = {**row["machine"], "cpu_id": "Measuring CPU (family 1, model 2)"}
+    (tmp_path / "results.json").write_text(json.dumps({"machine": measured, "created": "then"}))
+    (tmp_path / "ppo_smollm2.json").write_text(json.dumps(row))
+    monkeypatch.setattr(run_all, "R", tmp_path)
+    run_all.main(["--table-only"])
+    rebuilt = json.loads((tmp_path / "results.json").read_text())
+    assert rebuilt["machine"] == measured and rebuilt["rebuilt_on"]["cpu_id"] != measured["cpu_id"]
+    assert (tmp_path / "table.md").read_text().startswith("Machine: Measuring CPU (family 1, model 2),")
