@@ -50,6 +50,9 @@ PPO_RESULTS: dict[str, dict] = {
     "ppo_smollm2_epyc_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
     "ppo_smollm2_epyc_bf16_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
     "ppo_smollm2_epyc_avx2_full_offload": {"cpu_isa": "avx2", "ours": ["ppo.offload_ref_reward=true"]},
+    # and on an AVX2-only CPU (AMD EPYC, Zen 3: no AVX-512, no bf16), after the weight-major head/decode
+    "ppo_smollm2_zen3_lora": {},
+    "ppo_smollm2_zen3_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
 }
 
 
