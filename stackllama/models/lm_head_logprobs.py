@@ -164,8 +164,8 @@ class LogProbsWithoutLogits(torch.autograd.Function):
                     grad = grad.to(dtype)  # (Vb, n)
                     if grad_h is not None:  # dL/dh = sum_b grad_b^T W_b
                         _mm_into(grad_h[s:e], grad.t(), w[vs:ve], first=vs == 0)
-                    if grad_w is not None:  # dL/dW_b = sum over tiles of grad_b h
-                        _mm_into(grad_w[vs:ve], grad, h, first=s == 0)
+                    if grad_w is not None:  # dL/dW_b = sum over tiles of grad_b h, in float32 (a no-op in fp32)
+                        _mm_into(grad_w[vs:ve], grad.float(), h.float(), first=s == 0)
                     if grad_b is not None:
                         part = grad.float().sum(1)
                         grad_b[vs:ve] = part if s == 0 else grad_b[vs:ve] + part
