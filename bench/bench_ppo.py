@@ -154,7 +154,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
     from stackllama.ppo import trainer as our_trainer
     from stackllama.ppo.trainer import PPOTrainer
     from stackllama.reward import RewardScorer
-    from stackllama.stages.ppo import load_policy, offload_frozen
+    from stackllama.stages.ppo import cpu_linears, load_policy, offload_frozen
 
     rss_preload = common.rss_now_mb()
     sampler = common.RssSampler()
@@ -197,6 +197,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
     params = sum(p.numel() for p in policy.parameters()) + sum(p.numel() for p in scorer.model.parameters())
     prompts = PromptSource(spec["questions"], spec["queries"], tok, 1024, spec["seed"])
     with tempfile.TemporaryDirectory(prefix="bench_ppo_ours_") as tmp:
+        cpu_matmul = cpu_linears(cfg, policy, scorer) if device.type == "cpu" else "none"  # as the stage
         score, _ = offload_frozen(cfg, policy, scorer, Path(tmp) / "offload")  # as the stage (ppo.offload_ref_reward)
         trainer = PPOTrainer(
             cfg.ppo,
@@ -242,6 +243,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
         "reward_mean_last": history[-1]["env/reward_mean"],
         "params": params,
         "trainable_params": sum(p.numel() for p in policy.trainable_parameters()),
+        "cpu_matmul": cpu_matmul,  # ppo.cpu_matmul as resolved: onednn | mkl (none: not on CPU)
     }
     if profile_table is not None:
         out["profile"] = profile_table

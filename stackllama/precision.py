@@ -35,13 +35,21 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """Whether /proc/cpuinfo lists a native bf16 instruction set (unknown counts as no)."""
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags /proc/cpuinfo lists for the first CPU (none where it cannot be read)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU has a native bf16 instruction set (unknown counts as no)."""
+    return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -118,6 +126,7 @@ __all__ = [
     "RESOLVED",
     "autocast",
     "check",
+    "cpu_flags",
     "cpu_has_fast_bf16",
     "fast_bf16",
     "resolve",

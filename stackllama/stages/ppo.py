@@ -22,6 +22,7 @@ from stackllama.data.prompts import PromptSource, eval_questions
 from stackllama.models.loader import count_parameters, load_model, load_tokenizer
 from stackllama.models.merge import merge_adapter_into_base
 from stackllama.models.offload import Offloaded
+from stackllama.models.onednn_linear import resolve_cpu_matmul, use_onednn_linears
 from stackllama.ppo.policy import PolicyWithValueHead
 from stackllama.ppo.trainer import PPOTrainer, summarize
 from stackllama.reward import RewardScorer
@@ -50,6 +51,17 @@ def load_policy(cfg: Any, sft_path: Path, device: torch.device) -> tuple[PolicyW
     policy = PolicyWithValueHead(lm, reference, cache_frozen_prefix=bool(cfg.ppo.cache_frozen_prefix)).to(device)
     policy.eval()  # no dropout in rollouts, old log-probs or updates: ratios start at exactly 1
     return policy, tok
+
+
+def cpu_linears(cfg: Any, policy: PolicyWithValueHead, reward: RewardScorer) -> str:
+    """``ppo.cpu_matmul``: the policy's, the reference's and the reward model's CPU linear layers on
+    oneDNN or left on MKL (stackllama/models/onednn_linear.py). Before ``offload_frozen``. Returns
+    the resolved library."""
+    mode = resolve_cpu_matmul(str(cfg.ppo.cpu_matmul))
+    if mode == "onednn":
+        layers = use_onednn_linears(policy, mode) + use_onednn_linears(reward.model, mode)
+        log.info("ppo.cpu_matmul=%s: %d fp32 CPU linear layers on oneDNN", cfg.ppo.cpu_matmul, layers)
+    return mode
 
 
 def offload_frozen(
@@ -157,6 +169,7 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
         mixed_precision=mixed,
     )
     params = count_parameters(policy)  # before offloading empties the reference copy's tensors
+    cpu_matmul = cpu_linears(cfg, policy, reward) if ctx.device.type == "cpu" else "none"
     score, offloaded = offload_frozen(cfg, policy, reward, work_dir / "offload")
     prompts = PromptSource(
         list(splits.rl["question"]), list(splits.rl["query"]), tok, int(cfg.ppo.max_prompt_length), seed
@@ -211,6 +224,7 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
             "data/rl_prompts": len(prompts.query_ids),
             "data/skipped_prompts_too_long": prompts.skipped_too_long,
             "ppo/episodes": len(history) * int(cfg.ppo.batch_size) * dist.world_size,
+            "ppo/cpu_matmul_onednn": float(cpu_matmul == "onednn"),
             **params,
         }
     )
