@@ -456,8 +456,9 @@ class PPOConfig:
     # layers run on. torch sends fp32 CPU matmuls to MKL, which runs AVX2 code on AMD CPUs that have
     # AVX-512; oneDNN picks its kernels from the CPU (2.2x the GFLOP/s on a Zen 5 EPYC, full
     # fine-tuning PPO ~1.3x faster). auto: onednn on a CPU with AVX-512, mkl elsewhere (equal under
-    # AVX2 code paths). Not in the artifact key: the same sums in another order, like the thread count
-    # (stackllama/models/onednn_linear.py). bf16 autocast and quantized layers are left as they are.
+    # AVX2 code paths). fp32 runs only (bf16 autocast runs on oneDNN already); quantized layers stay.
+    # Not in the artifact key: the same sums in another order, like the thread count
+    # (stackllama/models/onednn_linear.py).
     cpu_matmul: str = field(default="auto", metadata=not_in_key())
     # auto | no | bf16 | fp16 for this stage's rollouts and passes; None: the run-wide mixed_precision
     mixed_precision: Optional[str] = None

@@ -104,7 +104,7 @@ def test_auto_resolves_by_the_cpu_and_bad_values_are_refused(monkeypatch):
 @needs_onednn
 @pytest.mark.parametrize("mode", ["onednn", "mkl"])
 def test_the_ppo_stage_sets_policy_reference_and_reward_model(mode):
-    """stages/ppo.cpu_linears: every fp32 linear layer of the three models, or none with mkl."""
+    """stages/ppo.cpu_linears: every linear layer of the three models in fp32 runs, or none with mkl or bf16."""
     from stackllama.models.loader import model_folder
     from stackllama.reward import RewardScorer
     from stackllama.stages.ppo import cpu_linears, load_policy
@@ -113,7 +113,9 @@ def test_the_ppo_stage_sets_policy_reference_and_reward_model(mode):
     cfg = compose_cfg(["model=tiny", "lora=none", f"ppo.cpu_matmul={mode}"])
     policy, _ = load_policy(cfg, model_folder(cfg.model), torch.device("cpu"))
     reward = RewardScorer.from_pretrained(tiny_reward_folder(), batch_size=2, max_length=32)
-    assert cpu_linears(cfg, policy, reward) == mode
+    assert cpu_linears(cfg, policy, reward, "bf16") == "mkl"  # bf16 autocast: on oneDNN already
+    assert not [m for m in policy.modules() if "forward" in vars(m)]
+    assert cpu_linears(cfg, policy, reward, "no") == mode
     for model in (policy.lm, policy.reference, reward.model):
         linears = [m for m in model.modules() if type(m) is nn.Linear]
         assert linears and all(("forward" in vars(m)) == (mode == "onednn") for m in linears)
