@@ -53,6 +53,9 @@ PPO_RESULTS: dict[str, dict] = {
     # and on an AVX2-only CPU (AMD EPYC, Zen 3: no AVX-512, no bf16), after the weight-major head/decode
     "ppo_smollm2_zen3_lora": {},
     "ppo_smollm2_zen3_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
+    # back on the Zen 5 (AVX-512, bf16), with ppo.cpu_matmul=auto putting ours' fp32 linears on oneDNN
+    "ppo_smollm2_zen5_onednn": {},
+    "ppo_smollm2_zen5_onednn_full_offload": {"ours": ["ppo.offload_ref_reward=true"]},
 }
 
 
@@ -191,6 +194,8 @@ def build_table(results: dict) -> str:
         variant = "".join(f", ours: {o}" for o in st.get("ours") or PPO_RESULTS[key].get("ours", [])) + (
             ", AVX2 code paths" if (st.get("cpu_isa") or PPO_RESULTS[key].get("cpu_isa")) == "avx2" else ""
         )
+        if any(r.get("cpu_matmul") == "onednn" for r in ppo.get("runs", [])):  # ppo.cpu_matmul as resolved
+            variant += ", ours' fp32 linears on oneDNN"
         cpu = common.describe_cpu(ppo.get("machine", {}))
         if ppo.get("machine") and cpu != common.describe_cpu(m):  # measured on another machine than the header's
             variant += f", on {cpu}"

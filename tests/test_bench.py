@@ -88,6 +88,20 @@ def test_the_table_names_the_cpu_of_rows_measured_on_another_machine():
     assert mixed.startswith(f"Machine: {cpu} (family 25, model 1),")
 
 
+def test_the_table_says_which_rows_ran_ours_linears_on_onednn():
+    """ppo.cpu_matmul=auto resolves by the CPU: a row whose runs record oneDNN says so, others do not."""
+    import json
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import run_all
+
+    row = json.loads((REPO / "bench" / "results" / "ppo_smollm2.json").read_text())
+    onednn = {**row, "runs": [{**r, "cpu_matmul": "onednn" if r["side"] == "ours" else None} for r in row["runs"]]}
+    table = run_all.build_table({"machine": row["machine"], "created": "now", "ppo_smollm2": onednn})
+    assert "| PPO episodes/s, full fine-tuning, smollm2-135m, fp32, ours' fp32 linears on oneDNN |" in table
+    assert "oneDNN" not in run_all.build_table({"machine": row["machine"], "created": "now", "ppo_smollm2": row})
+
+
 def test_a_table_rebuild_keeps_the_header_machine_of_the_measured_rows(tmp_path, monkeypatch):
     """--table-only measures nothing: its header must not claim the rebuild host measured the rows."""
     import json

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stackllama.models import lm_head_logprobs as heads
+from stackllama.models import onednn_linear
 from tests.conftest import compose_cfg
 
 
@@ -43,6 +44,29 @@ def test_log_probs_and_gradients_match_full_logits(monkeypatch, entropy_in_loss)
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
     assert torch.equal(ours[4], ref[4])
     for a, b in zip(our_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_linear.onednn_available(), reason="this torch build has no oneDNN")
+def test_the_onednn_products_give_the_same_log_probs_and_gradients(monkeypatch):
+    """ppo.cpu_matmul=onednn: the head's logits and both gradients as oneDNN products, same figures."""
+    monkeypatch.setattr(heads, "TOKEN_CHUNK", 7)
+    monkeypatch.setattr(heads, "VOCAB_BLOCK", 16)
+    calls = []
+    real = onednn_linear.matmul
+    monkeypatch.setattr(onednn_linear, "matmul", lambda a, b: calls.append(a.shape) or real(a, b))
+    torch.manual_seed(0)
+    N, H, V = 19, 8, 50
+    leaves = [torch.randn(N, H), torch.randn(V, H)]
+    targets = torch.randint(0, V, (N,))
+    results = []
+    for onednn in (True, False):
+        hidden, weight = (x.clone().requires_grad_() for x in leaves)
+        logp, _ = heads.logprobs_and_entropy(hidden, weight, None, targets, 0.7, onednn=onednn)
+        logp.sum().backward()
+        results.append((logp, hidden.grad, weight.grad))
+    assert len(calls) == 3 * 4 * 4  # tiles x vocabulary blocks x (logits, recomputed logits, dh, dW)
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

@@ -26,6 +26,8 @@ import logging
 
 import torch
 
+from stackllama.models import onednn_linear
+
 log = logging.getLogger(__name__)
 
 TOKEN_CHUNK = 128  # tokens per tile: the (V, H) weight is read ~4 times per tile (fwd, recompute, two grads)
@@ -35,12 +37,21 @@ VOCAB_BLOCK = 2048
 OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's optional per-token outputs
 
 
-def _block_logits(w: torch.Tensor, b: torch.Tensor | None, hT: torch.Tensor, factor: float) -> torch.Tensor:
+def _mm(a: torch.Tensor, b: torch.Tensor, onednn: bool) -> torch.Tensor:
+    """a @ b; on oneDNN where the head layer is (``ppo.cpu_matmul``) and both are float32."""
+    if onednn and a.dtype == b.dtype == torch.float32:
+        return onednn_linear.matmul(a, b)
+    return a @ b
+
+
+def _block_logits(
+    w: torch.Tensor, b: torch.Tensor | None, hT: torch.Tensor, factor: float, onednn: bool = False
+) -> torch.Tensor:
     """(Vb, H) weight rows, (Vb,) bias, (H, n) hidden^T -> (Vb, n) float32 logits x factor (scale / T).
 
     Weight-major (W_b @ h^T, not h @ W_b^T): on a Zen 3 EPYC MKL ran SmolLM2's head for 128 tokens
     1.15-1.75x faster this way round (bench/README); each block's reductions then run over its rows."""
-    z = w @ hT if b is None else torch.addmm(b.unsqueeze(-1), w, hT)
+    z = _mm(w, hT, onednn) if b is None else torch.addmm(b.unsqueeze(-1), w, hT)
     z = z.float()
     return z if factor == 1.0 else z.mul_(factor)  # one pass over the block less at T = 1
 
@@ -51,9 +62,12 @@ def _in_block(targets: torch.Tensor, start: int, stop: int) -> tuple[torch.Tenso
     return inside, (targets - start).clamp_(0, stop - start - 1)
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool, onednn: bool = False) -> None:
     """out (float32) = a @ b on ``first``, else out += a @ b; a, b in the pass's dtype."""
-    if a.dtype == out.dtype:
+    if onednn and a.dtype == torch.float32:
+        product = onednn_linear.matmul(a, b)  # oneDNN has no out=: one copy of the block more
+        out.copy_(product) if first else out.add_(product)
+    elif a.dtype == out.dtype:
         torch.mm(a, b, out=out) if first else out.addmm_(a, b)
     else:
         out.copy_(a @ b) if first else out.add_(a @ b)
@@ -64,6 +78,8 @@ class LogProbsWithoutLogits(torch.autograd.Function):
     targets (N,), temperature, token_chunk, softcap (must be None), logit_scale, outputs)`` ->
     (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each (N,) or None when not in
     ``outputs``. Gradients flow through log_probs and entropy, to hidden, weight and bias.
+    A tenth argument, ``onednn`` (default False; TRL passes nine), runs the fp32 products on oneDNN
+    (``ppo.cpu_matmul``, stackllama/models/onednn_linear.py).
     ``token_chunk``: tokens per tile (TRL passes its vocabulary chunk there: the router replaces
     it with ``TOKEN_CHUNK``); None or 0: ``TOKEN_CHUNK``. Each tile's logits are computed
     ``VOCAB_BLOCK`` vocabulary rows at a time and combined across blocks:
@@ -71,7 +87,9 @@ class LogProbsWithoutLogits(torch.autograd.Function):
     block's own H_b (stable: no lz - E[z] cancellation)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, token_chunk, softcap, logit_scale, outputs):
+    def forward(
+        ctx, hidden, weight, bias, targets, temperature, token_chunk, softcap, logit_scale, outputs, onednn=False
+    ):
         if softcap is not None:
             raise ValueError("logit soft-capping is left to TRL's own head")
         ctx.set_materialize_grads(False)  # unused outputs (entropy for logging) send no gradient
@@ -95,7 +113,7 @@ class LogProbsWithoutLogits(torch.autograd.Function):
                 best = best_at = None  # running max logit and its vocabulary index (is_top1)
                 for vs in range(0, V, block):
                     ve = min(vs + block, V)
-                    z = _block_logits(w[vs:ve], None if b is None else b[vs:ve], hT, factor)  # (Vb, n)
+                    z = _block_logits(w[vs:ve], None if b is None else b[vs:ve], hT, factor, onednn)  # (Vb, n)
                     inside, row = _in_block(t, vs, ve)
                     target_z[s:e] = torch.where(inside, z.gather(0, row.unsqueeze(0)).squeeze(0), target_z[s:e])
                     if is_top1 is not None:  # the first maximum, as TRL counts ties: later blocks must beat it
@@ -125,7 +143,7 @@ class LogProbsWithoutLogits(torch.autograd.Function):
                     is_top1[s:e] = best_at == t
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, log_z if entropy is None else entropy)
         ctx.dtype, ctx.factor, ctx.has_entropy = dtype, factor, entropy is not None
-        ctx.chunk, ctx.block = chunk, block
+        ctx.chunk, ctx.block, ctx.onednn = chunk, block, bool(onednn)
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
         return target_z - log_z, entropy, log_sum_sq, mean_logits, is_top1  # log p(target) = z_t - log Z
 
@@ -133,7 +151,7 @@ class LogProbsWithoutLogits(torch.autograd.Function):
     def backward(ctx, g_logprobs, g_entropy, *_unused):
         hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dtype, factor, chunk, block = ctx.dtype, ctx.factor, ctx.chunk, ctx.block
+        dtype, factor, chunk, block, onednn = ctx.dtype, ctx.factor, ctx.chunk, ctx.block, ctx.onednn
         (N, _), V = hidden.shape, weight.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         # empty, not zeros: the first tile writes every row of each (a fresh 113 MB zero-fill costs
@@ -150,7 +168,8 @@ class LogProbsWithoutLogits(torch.autograd.Function):
                 g = None if g_logprobs is None else g_logprobs[s:e].float()  # (n,)
                 for vs in range(0, V, block):
                     ve = min(vs + block, V)
-                    logp = _block_logits(w[vs:ve], None if b is None else b[vs:ve], h.t(), factor).sub_(log_z[s:e])
+                    bias_b = None if b is None else b[vs:ve]
+                    logp = _block_logits(w[vs:ve], bias_b, h.t(), factor, onednn).sub_(log_z[s:e])
                     p = logp.exp()  # (Vb, n)
                     if g is not None:  # dL/dz_j = g (1[j = t] - p_j): d log p_t / dz_j = 1[j = t] - p_j
                         inside, row = _in_block(t, vs, ve)
@@ -163,9 +182,9 @@ class LogProbsWithoutLogits(torch.autograd.Function):
                         grad.mul_(factor)  # dz/d(h W^T + b) = scale / T
                     grad = grad.to(dtype)  # (Vb, n)
                     if grad_h is not None:  # dL/dh = sum_b grad_b^T W_b
-                        _mm_into(grad_h[s:e], grad.t(), w[vs:ve], first=vs == 0)
+                        _mm_into(grad_h[s:e], grad.t(), w[vs:ve], vs == 0, onednn)
                     if grad_w is not None:  # dL/dW_b = sum over tiles of grad_b h, in float32 (a no-op in fp32)
-                        _mm_into(grad_w[vs:ve], grad.float(), h.float(), first=s == 0)
+                        _mm_into(grad_w[vs:ve], grad.float(), h.float(), s == 0, onednn)
                     if grad_b is not None:
                         part = grad.float().sum(1)
                         grad_b[vs:ve] = part if s == 0 else grad_b[vs:ve] + part
@@ -173,7 +192,7 @@ class LogProbsWithoutLogits(torch.autograd.Function):
             None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            *([None] * 6),
+            *([None] * 7),
         )
 
 
@@ -185,11 +204,13 @@ def logprobs_and_entropy(
     temperature: float = 1.0,
     token_chunk: int | None = None,
     with_entropy: bool = False,
+    onednn: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) and (optionally) the entropy of softmax((hidden @ W^T + b) / T): (N, H), (N,) -> (N,), (N,)."""
+    """log p(target) and (optionally) the entropy of softmax((hidden @ W^T + b) / T): (N, H), (N,) -> (N,), (N,).
+    ``onednn``: the fp32 products on oneDNN (the head layer's own setting, ``ppo.cpu_matmul``)."""
     outputs = ("entropy",) if with_entropy else ()
     logprobs, entropy, *_ = LogProbsWithoutLogits.apply(
-        hidden, weight, bias, targets, temperature, token_chunk, None, 1.0, outputs
+        hidden, weight, bias, targets, temperature, token_chunk, None, 1.0, outputs, onednn
     )
     return logprobs, entropy
 

@@ -52,6 +52,17 @@ def resolve_cpu_matmul(mode: str) -> str:
     return mode
 
 
+def on_onednn(layer: Any) -> bool:
+    """Whether ``use_onednn_linears`` set this layer (its fp32 products then run on oneDNN)."""
+    forward = vars(layer).get("forward") if isinstance(layer, nn.Module) else None
+    return getattr(forward, "__func__", None) is _onednn_forward
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (m, k) @ b (k, n) -> (m, n) as one fp32 oneDNN inner product (b^T as its weight)."""
+    return _inner_product(a, b.t(), None)
+
+
 def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (n, in) @ weight (out, in)^T [+ bias (out,)] -> (n, out), one oneDNN primitive, fp32."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -116,4 +127,4 @@ def use_onednn_linears(model: nn.Module, cpu_matmul: str = "onednn") -> int:
     return count
 
 
-__all__ = ["onednn_available", "resolve_cpu_matmul", "use_onednn_linears"]
+__all__ = ["matmul", "on_onednn", "onednn_available", "resolve_cpu_matmul", "use_onednn_linears"]

@@ -26,6 +26,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
+from stackllama.models import onednn_linear
 from stackllama.models.lm_head_logprobs import TOKEN_CHUNK, logprobs_and_entropy
 
 # --------------------------------------------------------------------------------------
@@ -354,6 +355,7 @@ def logprobs_from_hidden(
             float(temperature),
             token_chunk=max(chunk * T, TOKEN_CHUNK),
             with_entropy=with_entropy,
+            onednn=onednn_linear.on_onednn(head),  # the head's products where its layer runs them
         )
         return logps.view(B, T), (ents.view(B, T) if ents is not None else None)
     scale = 1.0 / float(temperature)
