@@ -455,7 +455,7 @@ class PPOConfig:
     # auto | mkl | onednn: the library the policy's, reference's and reward model's fp32 CPU linear
     # layers run on. torch sends fp32 CPU matmuls to MKL, which runs AVX2 code on AMD CPUs that have
     # AVX-512; oneDNN picks its kernels from the CPU (2.2x the GFLOP/s on a Zen 5 EPYC, full
-    # fine-tuning PPO ~1.3x faster). auto: onednn on a CPU with AVX-512, mkl elsewhere (equal under
+    # fine-tuning PPO 1.3-1.5x faster). auto: onednn on a CPU with AVX-512, mkl elsewhere (equal under
     # AVX2 code paths). fp32 runs only (bf16 autocast runs on oneDNN already); quantized layers stay.
     # Not in the artifact key: the same sums in another order, like the thread count
     # (stackllama/models/onednn_linear.py).
