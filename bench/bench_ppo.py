@@ -197,7 +197,7 @@ def worker_ours(spec: dict, finetune: str, profile: bool) -> dict:
     params = sum(p.numel() for p in policy.parameters()) + sum(p.numel() for p in scorer.model.parameters())
     prompts = PromptSource(spec["questions"], spec["queries"], tok, 1024, spec["seed"])
     with tempfile.TemporaryDirectory(prefix="bench_ppo_ours_") as tmp:
-        cpu_matmul = cpu_linears(cfg, policy, scorer, cfg.mixed_precision) if device.type == "cpu" else "none"
+        cpu_matmul = cpu_linears(cfg, policy, scorer, cfg.mixed_precision, device)  # as the stage
         score, _ = offload_frozen(cfg, policy, scorer, Path(tmp) / "offload")  # as the stage (ppo.offload_ref_reward)
         trainer = PPOTrainer(
             cfg.ppo,

@@ -113,9 +113,9 @@ def test_the_ppo_stage_sets_policy_reference_and_reward_model(mode):
     cfg = compose_cfg(["model=tiny", "lora=none", f"ppo.cpu_matmul={mode}"])
     policy, _ = load_policy(cfg, model_folder(cfg.model), torch.device("cpu"))
     reward = RewardScorer.from_pretrained(tiny_reward_folder(), batch_size=2, max_length=32)
-    assert cpu_linears(cfg, policy, reward, "bf16") == "mkl"  # bf16 autocast: on oneDNN already
+    assert cpu_linears(cfg, policy, reward, "bf16", torch.device("cpu")) == "mkl"  # bf16 autocast: on oneDNN already
     assert not [m for m in policy.modules() if "forward" in vars(m)]
-    assert cpu_linears(cfg, policy, reward, "no") == mode
+    assert cpu_linears(cfg, policy, reward, "no", torch.device("cpu")) == mode
     for model in (policy.lm, policy.reference, reward.model):
         linears = [m for m in model.modules() if type(m) is nn.Linear]
         assert linears and all(("forward" in vars(m)) == (mode == "onednn") for m in linears)

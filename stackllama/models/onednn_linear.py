@@ -54,8 +54,7 @@ def resolve_cpu_matmul(mode: str) -> str:
 
 def on_onednn(layer: Any) -> bool:
     """Whether ``use_onednn_linears`` set this layer (its fp32 products then run on oneDNN)."""
-    forward = vars(layer).get("forward") if isinstance(layer, nn.Module) else None
-    return getattr(forward, "__func__", None) is _onednn_forward
+    return getattr(vars(layer).get("forward"), "__func__", None) is _onednn_forward
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

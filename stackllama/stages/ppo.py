@@ -53,11 +53,15 @@ def load_policy(cfg: Any, sft_path: Path, device: torch.device) -> tuple[PolicyW
     return policy, tok
 
 
-def cpu_linears(cfg: Any, policy: PolicyWithValueHead, reward: RewardScorer, mixed_precision: str) -> str:
+def cpu_linears(
+    cfg: Any, policy: PolicyWithValueHead, reward: RewardScorer, mixed_precision: str, device: torch.device
+) -> str:
     """``ppo.cpu_matmul``: the policy's, the reference's and the reward model's CPU linear layers on
     oneDNN or left on MKL (stackllama/models/onednn_linear.py), in fp32 runs (``mixed_precision``
     no; under bf16 autocast they run on oneDNN already). Before ``offload_frozen``. Returns the
-    library the fp32 linears run on."""
+    library the fp32 linears run on: onednn | mkl, or none off the CPU."""
+    if device.type != "cpu":
+        return "none"
     mode = resolve_cpu_matmul(str(cfg.ppo.cpu_matmul)) if mixed_precision == "no" else "mkl"
     if mode == "onednn":
         layers = use_onednn_linears(policy, mode) + use_onednn_linears(reward.model, mode)
@@ -170,7 +174,7 @@ def build(cfg: Any, ctx: Any, inputs: dict[str, Path], work_dir: Path, out_dir: 
         mixed_precision=mixed,
     )
     params = count_parameters(policy)  # before offloading empties the reference copy's tensors
-    cpu_matmul = cpu_linears(cfg, policy, reward, mixed) if ctx.device.type == "cpu" else "none"
+    cpu_matmul = cpu_linears(cfg, policy, reward, mixed, ctx.device)
     score, offloaded = offload_frozen(cfg, policy, reward, work_dir / "offload")
     prompts = PromptSource(
         list(splits.rl["question"]), list(splits.rl["query"]), tok, int(cfg.ppo.max_prompt_length), seed
